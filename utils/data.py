@@ -1,0 +1,177 @@
+"""Image sources -> tf.data pipelines: random training crops and whole evaluation images.
+
+Sources:
+  builtin  the natural colour photographs that ship inside scikit-image and matplotlib (default),
+           split once and for all into train and eval images, so everything runs offline;
+  folder   any glob of JPEG/PNG files (COCO's train2017/*.jpg, Kodak, your own photos);
+  coco     tensorflow-datasets' coco/2017 under --data_dir.
+"""
+import logging
+import os
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image, ImageOps
+
+from utils.errors import UserError
+
+log = logging.getLogger("utils.data")
+
+SOURCES = ("builtin", "folder", "coco")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+# The colour photographs in skimage/data and matplotlib's sample data. Grayscale ones (camera, moon,
+# coins, ...) and synthetic ones (chessboard, logo, ...) are left out: they would teach a colour codec
+# little and skew its rate. The near-twin motorcycle pair stays together in train so no eval image
+# has a twin in training.
+BUILTIN_TRAIN = ("astronaut", "hubble_deep_field", "ihc", "motorcycle_left", "motorcycle_right",
+                 "retina", "rocket")
+BUILTIN_EVAL = ("chelsea", "coffee", "grace_hopper")
+
+
+def _builtin_files():
+  import matplotlib
+  import skimage
+  skdir = os.path.join(os.path.dirname(skimage.__file__), "data")
+  mpldir = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data")
+  files = {}
+  for name in os.listdir(skdir):
+    stem, ext = os.path.splitext(name)
+    if ext in (".png", ".jpg"):
+      files[stem] = os.path.join(skdir, name)
+  files["grace_hopper"] = os.path.join(mpldir, "grace_hopper.jpg")
+  return files
+
+
+def builtin_paths(split):
+  """Paths of the built-in train or eval photographs."""
+  names = {"train": BUILTIN_TRAIN, "eval": BUILTIN_EVAL}[split]
+  files = _builtin_files()
+  missing = [n for n in names if not os.path.exists(files.get(n, ""))]
+  if missing:
+    raise UserError(f"built-in images missing from the installed packages: {', '.join(missing)} "
+                    "(reinstall scikit-image and matplotlib from requirements.txt)")
+  return [files[n] for n in names]
+
+
+def glob_paths(pattern):
+  """Image files matching a glob (any tf.io.gfile file system), sorted."""
+  paths = sorted(p for p in tf.io.gfile.glob(pattern)
+                 if p.lower().endswith(IMAGE_EXTENSIONS) and not tf.io.gfile.isdir(p))
+  if not paths:
+    raise UserError(f"no images match {pattern!r}")
+  return paths
+
+
+def image_size(path):
+  """(height, width) from the file header, without decoding the pixels."""
+  with tf.io.gfile.GFile(path, "rb") as f:
+    with Image.open(f) as im:
+      return im.height, im.width
+
+
+def read_image(path):
+  """Decodes any Pillow-readable image to uint8 HxWx3 RGB (EXIF orientation applied)."""
+  try:
+    with tf.io.gfile.GFile(path, "rb") as f:
+      with Image.open(f) as im:
+        im = ImageOps.exif_transpose(im)
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+  except (OSError, ValueError, tf.errors.OpError) as e:
+    raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def write_png(path, image):
+  with tf.io.gfile.GFile(path, "wb") as f:
+    Image.fromarray(np.asarray(image, np.uint8)).save(f, format="PNG")
+
+
+def keep_large_enough(paths, patch_size):
+  """Drops images smaller than the patch in either side, logging how many were dropped."""
+  kept = [p for p in paths if min(image_size(p)) >= patch_size]
+  if len(kept) < len(paths):
+    log.warning("skipped %d of %d images smaller than the %d-pixel patch",
+                len(paths) - len(kept), len(paths), patch_size)
+  if not kept:
+    raise UserError(f"no training image is at least {patch_size}x{patch_size} pixels; "
+                    "use a smaller --patch_size")
+  return kept
+
+
+def _decode(path):
+  image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _coco_images(split, data_dir):
+  import tensorflow_datasets as tfds
+  try:
+    ds = tfds.load("coco/2017", split=split, data_dir=data_dir, download=False, shuffle_files=True)
+  except (tfds.core.DatasetNotFoundError, AssertionError, FileNotFoundError) as e:
+    where = data_dir or "~/tensorflow_datasets"
+    raise UserError(
+        f"COCO 2017 is not prepared under {where} and this machine cannot download it ({type(e).__name__}). "
+        "Either build it where there is a network (`tfds build coco/2017 --data_dir DIR`, then copy DIR "
+        "here and pass --data_dir DIR), or unpack train2017.zip and use "
+        "`--dataset folder --train_glob 'train2017/*.jpg'`") from None
+  return ds.map(lambda ex: ex["image"], num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def train_paths(dataset, train_glob=None):
+  if dataset == "builtin":
+    return builtin_paths("train")
+  if dataset == "folder":
+    if not train_glob:
+      raise UserError("--dataset folder needs --train_glob, e.g. --train_glob 'train2017/*.jpg'")
+    return glob_paths(train_glob)
+  raise UserError(f"no file list for dataset {dataset!r}")
+
+
+def train_dataset(dataset="builtin", patch_size=256, batch_size=8, train_glob=None, data_dir=None,
+                  seed=None):
+  """Endless batches of random patch_size crops (randomly flipped), float32 in 0..255."""
+  if dataset not in SOURCES:
+    raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(SOURCES)}")
+  if dataset == "coco":
+    images = _coco_images("train", data_dir)
+    images = images.filter(
+        lambda im: tf.reduce_all(tf.shape(im)[:2] >= patch_size)).repeat()
+    images = images.shuffle(256, seed=seed)
+  else:
+    paths = keep_large_enough(train_paths(dataset, train_glob), patch_size)
+    files = tf.data.Dataset.from_tensor_slices(paths)
+    if dataset == "builtin":
+      # A handful of photos: decode them once, then crop from memory forever.
+      images = files.map(_decode).cache().repeat()
+    else:
+      images = files.repeat().shuffle(min(len(paths), 10000), seed=seed).map(
+          _decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+
+  def crop(image):
+    patch = tf.image.random_crop(image, (patch_size, patch_size, 3), seed=seed)
+    patch = tf.image.random_flip_left_right(patch, seed=seed)
+    return tf.cast(patch, tf.float32)
+
+  ds = images.map(crop, num_parallel_calls=tf.data.AUTOTUNE)
+  if dataset == "builtin":
+    # Several crops per cached image are cheap; shuffle so a batch mixes photos.
+    ds = ds.shuffle(64, seed=seed)
+  return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def eval_paths(dataset="builtin", eval_glob=None):
+  """The evaluation images: the built-in eval split unless a glob is given."""
+  if eval_glob:
+    return glob_paths(eval_glob)
+  if dataset in ("builtin", "coco", "folder"):
+    return builtin_paths("eval")
+  raise UserError(f"unknown dataset {dataset!r}")
+
+
+def eval_dataset(paths):
+  """Whole images, one per batch (sizes differ), float32 in 0..255."""
+  images = [read_image(p) for p in paths]
+  return tf.data.Dataset.from_generator(
+      lambda: (im[None].astype(np.float32) for im in images),
+      output_signature=tf.TensorSpec((1, None, None, 3), tf.float32))
