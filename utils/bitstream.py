@@ -8,7 +8,7 @@ Layout (all integers unsigned; varint = LEB128, 7 bits a byte):
     fingerprint  2 bytes   first bytes of the SHA-256 of the weights that made the file
     height       varint
     width        varint
-    lengths      varint x (count - 1)   the last string takes the rest of the payload
+    lengths      varint x (count - 1)   the last string takes the rest (so put the longest last)
     payload      the entropy-coded strings, concatenated
     crc32        4 bytes   big-endian CRC-32 of everything before it
 

@@ -15,7 +15,8 @@ from utils.errors import UserError
 DEFAULT_EXT = ".lic"
 
 
-def _parser(name, add_model_flags):
+def build_parser(name, add_model_flags):
+  """The argparse parser, and the names of the model's own flags."""
   parser = argparse.ArgumentParser(
       prog=f"{name}.py", description=f"The {name} image codec: train it, compress and decompress images, "
       "evaluate it on a set of images.")
@@ -169,6 +170,13 @@ def _evaluate(args, name):
         f"PSNR {m['psnr']:.2f} dB, MS-SSIM {m['ms_ssim']:.4f}; points in {output}")
 
 
+def model_config(name, args, model_flags):
+  """What defines a trained model: recorded with it, and checked before a run resumes."""
+  config = {"codec": name, "lambda": args.lmbda}
+  config.update({k: getattr(args, k) for k in model_flags})
+  return config
+
+
 def _train(args, name, build_model, model_flags):
   from utils import training
   if args.lmbda <= 0:
@@ -178,16 +186,14 @@ def _train(args, name, build_model, model_flags):
       raise UserError(f"--{flag} must be positive, not {getattr(args, flag)}")
   if args.learning_rate <= 0:
     raise UserError(f"--learning_rate must be positive, not {args.learning_rate}")
-  model_config = {"codec": name, "lambda": args.lmbda}
-  model_config.update({k: getattr(args, k) for k in model_flags})
   start = time.time()
-  training.train(build_model, args, model_config)
+  training.train(build_model, args, model_config(name, args, model_flags))
   print(f"trained {name} in {time.time() - start:.0f} s; model in {args.model_path}")
 
 
 def main(name, build_model, add_model_flags, argv=None):
   """Runs one command; returns the exit status (2 with a one-line `error:` for user errors)."""
-  parser, model_flags = _parser(name, add_model_flags)
+  parser, model_flags = build_parser(name, add_model_flags)
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   logging.getLogger("tensorflow").setLevel(logging.WARNING)

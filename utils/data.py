@@ -108,10 +108,10 @@ def _coco_images(split, data_dir):
   import tensorflow_datasets as tfds
   try:
     ds = tfds.load("coco/2017", split=split, data_dir=data_dir, download=False, shuffle_files=True)
-  except (tfds.core.DatasetNotFoundError, AssertionError, FileNotFoundError) as e:
+  except (tfds.core.DatasetNotFoundError, AssertionError, FileNotFoundError):
     where = data_dir or "~/tensorflow_datasets"
     raise UserError(
-        f"COCO 2017 is not prepared under {where} and this machine cannot download it ({type(e).__name__}). "
+        f"COCO 2017 is not prepared under {where}, and it is not downloaded automatically. "
         "Either build it where there is a network (`tfds build coco/2017 --data_dir DIR`, then copy DIR "
         "here and pass --data_dir DIR), or unpack train2017.zip and use "
         "`--dataset folder --train_glob 'train2017/*.jpg'`") from None

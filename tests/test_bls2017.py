@@ -1,0 +1,185 @@
+"""bls2017 end to end on a tiny model: training, resume, real files across processes, bad files."""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import bls2017
+from conftest import ROOT, natural_image, run_script
+from utils import bitstream, cli, codec, rd, training
+
+TINY = ["--lambda", "0.01", "--num_filters", "16", "--patch_size", "64", "--batch_size", "4",
+        "--steps_per_epoch", "12", "--learning_rate", "1e-3", "--verbose", "0"]
+
+
+def _train(model_path, epochs):
+  parser, model_flags = cli.build_parser("bls2017", bls2017.add_model_flags)
+  args = parser.parse_args(["train", *TINY, "--epochs", str(epochs), "--model_path", model_path])
+  return training.train(bls2017.build_model, args, cli.model_config("bls2017", args, model_flags))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A tiny bls2017 trained for 2 epochs, then resumed to 3 (as a rerun after an interruption)."""
+  model_path = str(tmp_path_factory.mktemp("bls") / "model")
+  first = _train(model_path, epochs=2)
+  resumed = _train(model_path, epochs=3)
+  return model_path, first, resumed
+
+
+@pytest.fixture(scope="module")
+def odd_image(tmp_path_factory):
+  path = tmp_path_factory.mktemp("img") / "odd.png"
+  Image.fromarray(natural_image(37, 53, 5)).save(path)
+  return path
+
+
+def test_loss_goes_down(trained):
+  _, first, resumed = trained
+  losses = first.history["loss"] + resumed.history["loss"]
+  assert losses[-1] < 0.8 * losses[0], losses
+  assert resumed.history["val_loss"][-1] < first.history["val_loss"][0]
+
+
+def test_rerun_resumes_where_it_stopped(trained):
+  _, first, resumed = trained
+  assert first.epoch == [0, 1]
+  assert resumed.epoch == [2]  # only the missing epoch ran
+  assert int(resumed.model.optimizer.iterations) == 3 * 12  # optimizer state carried over
+
+
+def test_rerun_with_another_model_is_refused(trained, capsys):
+  model_path, _, _ = trained
+  rc = cli.main("bls2017", bls2017.build_model, bls2017.add_model_flags,
+                ["train", "--lambda", "0.5", "--num_filters", "16", "--model_path", model_path])
+  assert rc == 2
+  assert "holds a different model (lambda: 0.01 -> 0.5)" in capsys.readouterr().err
+
+
+def test_cross_process_round_trip_is_exact(trained, odd_image, tmp_path):
+  model_path, _, _ = trained
+  lic = tmp_path / "odd.lic"
+  out = run_script("bls2017.py", "compress", odd_image, lic, "--model_path", model_path)
+  assert out.returncode == 0, out.stderr
+  reported = float(re.search(r"([\d.]+) bpp \(estimated ([\d.]+)\)", out.stdout).group(1))
+  size = os.path.getsize(lic)
+  assert reported == pytest.approx(8 * size / (37 * 53), abs=1e-4)
+
+  model = codec.Codec(model_path)
+  in_process = model.decode(lic.read_bytes())
+  data, _ = model.encode(np.asarray(Image.open(odd_image)))
+  assert data == lic.read_bytes()  # compressing is deterministic across processes
+
+  png = tmp_path / "odd.png"
+  out = run_script("bls2017.py", "decompress", lic, png, "--model_path", model_path)
+  assert out.returncode == 0, out.stderr
+  decoded = np.asarray(Image.open(png))
+  assert decoded.shape == (37, 53, 3)
+  np.testing.assert_array_equal(decoded, in_process)
+
+
+def test_saved_model_codes_without_the_python_class(trained, tmp_path):
+  model_path, _, _ = trained
+  image = natural_image(20, 30, 7)
+  data, _ = codec.Codec(model_path).encode(image)
+  (tmp_path / "x.lic").write_bytes(data)
+  np.save(tmp_path / "expected.npy", codec.Codec(model_path).decode(data))
+  # tensorflow_compression is imported only for its range-coding ops.
+  script = f"""
+import numpy as np, tensorflow as tf, tensorflow_compression
+m = tf.saved_model.load({os.path.join(model_path, 'saved_model')!r})
+strings, bits = m.compress(tf.constant(np.load({str(tmp_path / 'expected.npy')!r})))
+image = m.decompress(strings, tf.constant([20, 30]))
+assert image.shape == (20, 30, 3) and image.dtype == tf.uint8
+print("ok", strings.shape[0], float(bits[0]))
+"""
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                       env=dict(os.environ, PYTHONPATH=""), timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.startswith("ok 1 ")
+
+
+def _decompress_in_process(capsys, path, model_path):
+  rc = cli.main("bls2017", bls2017.build_model, bls2017.add_model_flags,
+                ["decompress", str(path), str(path) + ".png", "--model_path", model_path])
+  err = capsys.readouterr().err.strip()
+  return rc, err
+
+
+def test_bad_files_exit_2_with_one_line(trained, odd_image, tmp_path, capsys):
+  model_path, _, _ = trained
+  model = codec.Codec(model_path)
+  good, _ = model.encode(np.asarray(Image.open(odd_image)))
+  header, strings = bitstream.unpack(good)
+  cases = {
+      "truncated": good[:len(good) // 2],
+      "one byte short": good[:-1],
+      "random": bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8)),
+      "wrong magic": b"GIF89a" + good[6:],
+      "empty": b"",
+      "flipped bit": good[:20] + bytes([good[20] ^ 4]) + good[21:],
+      "other codec": bitstream.pack(bitstream.Header("hcae", header.fingerprint, 37, 53), strings),
+      "other bls2017": bitstream.pack(
+          bitstream.Header("bls2017", bytes(b ^ 0xFF for b in header.fingerprint), 37, 53), strings),
+  }
+  expected = {"other codec": "made by hcae, not bls2017", "other bls2017": "another bls2017 model",
+              "wrong magic": "wrong magic", "flipped bit": "checksum"}
+  for name, data in cases.items():
+    path = tmp_path / f"{name.replace(' ', '_')}.lic"
+    path.write_bytes(data)
+    rc, err = _decompress_in_process(capsys, path, model_path)
+    assert rc == 2, name
+    assert err.startswith("error: ") and "\n" not in err, (name, err)
+    assert expected.get(name, "") in err, (name, err)
+    assert not os.path.exists(str(path) + ".png"), name
+
+
+def test_bad_file_in_a_real_process(trained, tmp_path):
+  model_path, _, _ = trained
+  path = tmp_path / "junk.lic"
+  path.write_bytes(b"\x89L\x01" + b"\x00" * 10)
+  out = run_script("bls2017.py", "decompress", path, "--model_path", model_path)
+  assert out.returncode == 2
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+  assert "Traceback" not in out.stderr
+
+
+def test_user_errors(trained, odd_image, tmp_path, capsys):
+  model_path, _, _ = trained
+  run = lambda *argv: (cli.main("bls2017", bls2017.build_model, bls2017.add_model_flags, list(argv)),
+                       capsys.readouterr().err)
+  rc, err = run("compress", str(tmp_path / "missing.png"), "--model_path", model_path)
+  assert rc == 2 and "no such file" in err
+  rc, err = run("compress", str(odd_image), "--model_path", str(tmp_path / "nomodel"))
+  assert rc == 2 and "no trained model at" in err
+  existing = tmp_path / "exists.lic"
+  existing.write_bytes(b"keep me")
+  rc, err = run("compress", str(odd_image), str(existing), "--model_path", model_path)
+  assert rc == 2 and "--overwrite" in err and existing.read_bytes() == b"keep me"
+  rc, _ = run("compress", str(odd_image), str(existing), "--model_path", model_path, "--overwrite")
+  assert rc == 0 and existing.read_bytes()[:2] == bitstream.MAGIC
+  rc, err = run("train", "--lambda", "0", "--model_path", str(tmp_path / "m"))
+  assert rc == 2 and "--lambda must be positive" in err
+
+
+def test_evaluate_writes_rd_points_from_real_files(trained, image_folder, tmp_path, capsys):
+  model_path, _, _ = trained
+  csv_path, files = tmp_path / "points.csv", tmp_path / "files"
+  rc = cli.main("bls2017", bls2017.build_model, bls2017.add_model_flags,
+                ["evaluate", "--eval_glob", str(image_folder / "*.png"), "--output", str(csv_path),
+                 "--files_dir", str(files), "--model_path", model_path])
+  assert rc == 0
+  assert "mean over 3 images" in capsys.readouterr().out
+  rows = rd.read_points(str(csv_path))
+  assert [r["image"] for r in rows] == ["a.png", "c.png", "small.png"]
+  for row in rows:
+    assert row["codec"] == "bls2017" and float(row["setting"]) == 0.01
+    h, w = Image.open(image_folder / row["image"]).size[::-1]
+    size = os.path.getsize(files / (row["image"] + ".lic"))
+    assert row["bpp"] == pytest.approx(8 * size / (h * w), abs=1e-5)
+    assert row["est_bpp"] > 0 and 0 < row["ms_ssim"] <= 1 and row["psnr"] > 0
