@@ -17,29 +17,31 @@ import tensorflow as tf
 import tensorflow_compression as tfc
 
 from utils import cli
-from utils.model import CompressionModel
+from utils.model import CompressionModel, float64_twin
 
 
-def analysis_transform(num_filters):
+def analysis_transform(num_filters, dtype="float32"):
   conv = lambda k, s, name, act: tf.keras.layers.Conv2D(
-      num_filters, k, strides=s, padding="same", use_bias=True, activation=act, name=name)
+      num_filters, k, strides=s, padding="same", use_bias=True, activation=act, name=name,
+      dtype=dtype)
   return tf.keras.Sequential([
-      tf.keras.layers.Rescaling(1 / 255),
-      conv(9, 4, "layer_0", tfc.GDN(name="gdn_0")),
-      conv(5, 2, "layer_1", tfc.GDN(name="gdn_1")),
+      tf.keras.layers.Rescaling(1 / 255, dtype=dtype),
+      conv(9, 4, "layer_0", tfc.GDN(name="gdn_0", dtype=dtype)),
+      conv(5, 2, "layer_1", tfc.GDN(name="gdn_1", dtype=dtype)),
       conv(5, 2, "layer_2", None),
   ], name="analysis")
 
 
-def synthesis_transform(num_filters):
+def synthesis_transform(num_filters, dtype="float32"):
   deconv = lambda filters, k, s, name, act: tf.keras.layers.Conv2DTranspose(
-      filters, k, strides=s, padding="same", use_bias=True, activation=act, name=name)
+      filters, k, strides=s, padding="same", use_bias=True, activation=act, name=name,
+      dtype=dtype)
   return tf.keras.Sequential([
-      deconv(num_filters, 5, 2, "layer_0", tfc.GDN(inverse=True, name="igdn_0")),
-      deconv(num_filters, 5, 2, "layer_1", tfc.GDN(inverse=True, name="igdn_1")),
+      deconv(num_filters, 5, 2, "layer_0", tfc.GDN(inverse=True, name="igdn_0", dtype=dtype)),
+      deconv(num_filters, 5, 2, "layer_1", tfc.GDN(inverse=True, name="igdn_1", dtype=dtype)),
       deconv(3, 9, 4, "layer_2", None),
-      tf.keras.layers.Rescaling(255),
-  ], name="synthesis")
+      tf.keras.layers.Rescaling(255, dtype=dtype),
+  ], name="synthesis" if dtype == "float32" else "synthesis_" + dtype)
 
 
 class BLS2017Model(CompressionModel):
@@ -48,10 +50,11 @@ class BLS2017Model(CompressionModel):
 
   def __init__(self, lmbda, num_filters=128, **kwargs):
     super().__init__(lmbda, **kwargs)
+    self.num_filters = num_filters
     self.analysis = analysis_transform(num_filters)
     self.synthesis = synthesis_transform(num_filters)
     self.prior = tfc.NoisyDeepFactorized(batch_shape=(num_filters,))
-    self.coding_model = None
+    self.coding_model = self.synthesis64 = None
     self.build((None, None, None, 3))
 
   def forward(self, x, training):
@@ -62,6 +65,8 @@ class BLS2017Model(CompressionModel):
   def build_coding_tables(self):
     self.coding_model = tfc.ContinuousBatchedEntropyModel(
         self.prior, coding_rank=3, compression=True)
+    self.synthesis64 = float64_twin(lambda dtype: synthesis_transform(self.num_filters, dtype),
+                                    self.synthesis, self.num_filters)
 
   def encode(self, x):
     y = self.analysis(x)
@@ -70,7 +75,7 @@ class BLS2017Model(CompressionModel):
 
   def decode(self, strings, latent_shape):
     y_hat = self.coding_model.decompress(strings[:1], latent_shape)
-    return self.synthesis(y_hat)
+    return self.synthesis64(tf.cast(y_hat, tf.float64))
 
 
 def add_model_flags(parser):

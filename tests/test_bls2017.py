@@ -74,12 +74,14 @@ def test_cross_process_round_trip_is_exact(trained, odd_image, tmp_path):
   data, _ = model.encode(np.asarray(Image.open(odd_image)))
   assert data == lic.read_bytes()  # compressing is deterministic across processes
 
-  png = tmp_path / "odd.png"
-  out = run_script("bls2017.py", "decompress", lic, png, "--model_path", model_path)
-  assert out.returncode == 0, out.stderr
-  decoded = np.asarray(Image.open(png))
-  assert decoded.shape == (37, 53, 3)
-  np.testing.assert_array_equal(decoded, in_process)
+  for onednn in ("1", "0"):  # the decoding process with oneDNN on, then off
+    png = tmp_path / f"odd-onednn{onednn}.png"
+    out = run_script("bls2017.py", "decompress", lic, png, "--model_path", model_path,
+                     env={"TF_ENABLE_ONEDNN_OPTS": onednn})
+    assert out.returncode == 0, out.stderr
+    decoded = np.asarray(Image.open(png))
+    assert decoded.shape == (37, 53, 3)
+    np.testing.assert_array_equal(decoded, in_process)
 
 
 def test_saved_model_codes_without_the_python_class(trained, tmp_path):

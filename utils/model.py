@@ -24,6 +24,19 @@ def pad_to_multiple(x, multiple):
   return tf.concat([x, tf.repeat(x[:, :, -1:], pad_w, axis=2)], axis=2)
 
 
+def float64_twin(build, source, input_channels):
+  """A float64 copy of the Keras network `source`, made by `build(dtype)` and given its weights.
+
+  Decoders run their synthesis through this twin: float64 convolutions take the same (Eigen) kernels
+  whether oneDNN is on or off, so a decode is bit-identical across those settings, and on other
+  machines the float64 error (~1e-12 of a pixel) makes a flipped uint8 rounding practically never happen.
+  """
+  twin = build("float64")
+  twin.build((None, None, None, input_channels))
+  twin.set_weights([w.astype("float64") for w in source.get_weights()])
+  return twin
+
+
 def to_uint8(x):
   return tf.saturate_cast(tf.round(x), tf.uint8)
 
