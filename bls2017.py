@@ -73,8 +73,8 @@ class BLS2017Model(CompressionModel):
     _, bits = self.coding_model(y, training=False)
     return [self.coding_model.compress(y)], [bits]
 
-  def decode(self, strings, latent_shape):
-    y_hat = self.coding_model.decompress(strings[:1], latent_shape)
+  def decode(self, strings, padded_shape):
+    y_hat = self.coding_model.decompress(strings[:1], padded_shape // self.DOWNSAMPLING)
     return self.synthesis64(tf.cast(y_hat, tf.float64))
 
 

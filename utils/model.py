@@ -6,7 +6,7 @@ A model script subclasses CompressionModel and supplies only its paper's parts:
   forward(x, training)             padded image -> (reconstruction, [bits per example, per latent])
   build_coding_tables()            after training: the entropy models with range-coding tables
   encode(x)                        padded image -> ([string tensor (1,)], [estimated bits (1,)])
-  decode(strings, latent_shape)    the strings and the first level's latent (h, w) -> reconstruction
+  decode(strings, padded_shape)    the strings and the padded image's (h, w) -> reconstruction
 """
 import tensorflow as tf
 
@@ -107,7 +107,7 @@ class CompressionModel(tf.keras.Model):
   def encode(self, x):
     raise NotImplementedError
 
-  def decode(self, strings, latent_shape):
+  def decode(self, strings, padded_shape):
     raise NotImplementedError
 
   @tf.function(input_signature=[tf.TensorSpec((None, None, 3), tf.uint8)])
@@ -121,6 +121,6 @@ class CompressionModel(tf.keras.Model):
   @tf.function(input_signature=[tf.TensorSpec((None,), tf.string), tf.TensorSpec((2,), tf.int32)])
   def decompress(self, strings, image_shape):
     """(strings, [height, width]) -> uint8 HxWx3 image."""
-    latent_shape = -(-image_shape // self.DOWNSAMPLING)
-    x_hat = self.decode(strings, latent_shape)
+    padded_shape = -(-image_shape // self.DOWNSAMPLING) * self.DOWNSAMPLING
+    x_hat = self.decode(strings, padded_shape)
     return to_uint8(x_hat[0, :image_shape[0], :image_shape[1], :])

@@ -1,4 +1,6 @@
-"""bls2017 end to end on a tiny model: training, resume, real files across processes, bad files."""
+"""Every neural codec end to end on a tiny model: training, resume, real files across processes
+(oneDNN on and off in the decoder), bad files, user errors, evaluation."""
+import importlib
 import os
 import re
 import subprocess
@@ -8,27 +10,44 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import bls2017
 from conftest import ROOT, natural_image, run_script
 from utils import bitstream, cli, codec, rd, training
 
-TINY = ["--lambda", "0.01", "--num_filters", "16", "--patch_size", "64", "--batch_size", "4",
-        "--steps_per_epoch", "12", "--learning_rate", "1e-3", "--verbose", "0"]
+COMMON = ["--lambda", "0.01", "--patch_size", "64", "--batch_size", "4", "--steps_per_epoch", "12",
+          "--learning_rate", "1e-3", "--verbose", "0"]
+TINY = {
+    "bls2017": ["--num_filters", "16"],
+    "bmshj2018": ["--num_filters", "16", "--latent_depth", "24"],
+}
 
 
-def _train(model_path, epochs):
-  parser, model_flags = cli.build_parser("bls2017", bls2017.add_model_flags)
-  args = parser.parse_args(["train", *TINY, "--epochs", str(epochs), "--model_path", model_path])
-  return training.train(bls2017.build_model, args, cli.model_config("bls2017", args, model_flags))
+class Trained:
+  """A tiny model trained for 2 epochs, then resumed to 3 (as a rerun after an interruption)."""
+
+  def __init__(self, name, workdir):
+    self.name, self.script, self.model_path = name, name + ".py", str(workdir / "model")
+    # Small validation images keep the per-epoch validation cheap.
+    for i in range(2):
+      Image.fromarray(natural_image(48 + 8 * i, 64, 10 + i)).save(workdir / f"val{i}.png")
+    self.val_glob = str(workdir / "val*.png")
+    self.module = importlib.import_module(name)
+    self.first = self._train(2)
+    self.resumed = self._train(3)
+
+  def _train(self, epochs):
+    parser, model_flags = cli.build_parser(self.name, self.module.add_model_flags)
+    args = parser.parse_args(["train", *COMMON, *TINY[self.name], "--epochs", str(epochs),
+                              "--eval_glob", self.val_glob, "--model_path", self.model_path])
+    config = cli.model_config(self.name, args, model_flags)
+    return training.train(self.module.build_model, args, config)
+
+  def main(self, *argv):
+    return cli.main(self.name, self.module.build_model, self.module.add_model_flags, list(argv))
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A tiny bls2017 trained for 2 epochs, then resumed to 3 (as a rerun after an interruption)."""
-  model_path = str(tmp_path_factory.mktemp("bls") / "model")
-  first = _train(model_path, epochs=2)
-  resumed = _train(model_path, epochs=3)
-  return model_path, first, resumed
+@pytest.fixture(scope="module", params=sorted(TINY))
+def trained(request, tmp_path_factory):
+  return Trained(request.param, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope="module")
@@ -39,35 +58,40 @@ def odd_image(tmp_path_factory):
 
 
 def test_loss_goes_down(trained):
-  _, first, resumed = trained
+  first, resumed = trained.first, trained.resumed
   losses = first.history["loss"] + resumed.history["loss"]
   assert losses[-1] < 0.8 * losses[0], losses
   assert resumed.history["val_loss"][-1] < first.history["val_loss"][0]
 
 
 def test_rerun_resumes_where_it_stopped(trained):
-  _, first, resumed = trained
+  first, resumed = trained.first, trained.resumed
   assert first.epoch == [0, 1]
   assert resumed.epoch == [2]  # only the missing epoch ran
   assert int(resumed.model.optimizer.iterations) == 3 * 12  # optimizer state carried over
 
 
 def test_rerun_with_another_model_is_refused(trained, capsys):
-  model_path, _, _ = trained
-  rc = cli.main("bls2017", bls2017.build_model, bls2017.add_model_flags,
-                ["train", "--lambda", "0.5", "--num_filters", "16", "--model_path", model_path])
+  rc = trained.main("train", "--lambda", "0.5", *TINY[trained.name], "--model_path", trained.model_path)
   assert rc == 2
   assert "holds a different model (lambda: 0.01 -> 0.5)" in capsys.readouterr().err
 
 
 def test_cross_process_round_trip_is_exact(trained, odd_image, tmp_path):
-  model_path, _, _ = trained
+  model_path = trained.model_path
   lic = tmp_path / "odd.lic"
-  out = run_script("bls2017.py", "compress", odd_image, lic, "--model_path", model_path)
+  out = run_script(trained.script, "compress", odd_image, lic, "--model_path", model_path)
   assert out.returncode == 0, out.stderr
   reported = float(re.search(r"([\d.]+) bpp \(estimated ([\d.]+)\)", out.stdout).group(1))
   size = os.path.getsize(lic)
   assert reported == pytest.approx(8 * size / (37 * 53), abs=1e-4)
+  names = codec.Codec(model_path).string_names
+  if len(names) > 1:  # the rate split between the strings, from their real lengths
+    split = re.search(r"\[(.*)\]", out.stdout).group(1)
+    parts = dict(p.rsplit(" ", 2)[:2] for p in split.split(", "))
+    assert list(parts) == list(names)
+    header_free = sum(float(v) for v in parts.values())
+    assert header_free < reported and reported - header_free <= 8 * 16 / (37 * 53) + 1e-3
 
   model = codec.Codec(model_path)
   in_process = model.decode(lic.read_bytes())
@@ -76,7 +100,7 @@ def test_cross_process_round_trip_is_exact(trained, odd_image, tmp_path):
 
   for onednn in ("1", "0"):  # the decoding process with oneDNN on, then off
     png = tmp_path / f"odd-onednn{onednn}.png"
-    out = run_script("bls2017.py", "decompress", lic, png, "--model_path", model_path,
+    out = run_script(trained.script, "decompress", lic, png, "--model_path", model_path,
                      env={"TF_ENABLE_ONEDNN_OPTS": onednn})
     assert out.returncode == 0, out.stderr
     decoded = np.asarray(Image.open(png))
@@ -85,7 +109,7 @@ def test_cross_process_round_trip_is_exact(trained, odd_image, tmp_path):
 
 
 def test_saved_model_codes_without_the_python_class(trained, tmp_path):
-  model_path, _, _ = trained
+  model_path = trained.model_path
   image = natural_image(20, 30, 7)
   data, _ = codec.Codec(model_path).encode(image)
   (tmp_path / "x.lic").write_bytes(data)
@@ -102,18 +126,17 @@ print("ok", strings.shape[0], float(bits[0]))
   out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
                        env=dict(os.environ, PYTHONPATH=""), timeout=300)
   assert out.returncode == 0, out.stderr
-  assert out.stdout.startswith("ok 1 ")
+  assert out.stdout.startswith(f"ok {len(codec.Codec(model_path).string_names)} ")
 
 
-def _decompress_in_process(capsys, path, model_path):
-  rc = cli.main("bls2017", bls2017.build_model, bls2017.add_model_flags,
-                ["decompress", str(path), str(path) + ".png", "--model_path", model_path])
+def _decompress_in_process(trained, capsys, path):
+  rc = trained.main("decompress", str(path), str(path) + ".png", "--model_path", trained.model_path)
   err = capsys.readouterr().err.strip()
   return rc, err
 
 
 def test_bad_files_exit_2_with_one_line(trained, odd_image, tmp_path, capsys):
-  model_path, _, _ = trained
+  model_path = trained.model_path
   model = codec.Codec(model_path)
   good, _ = model.encode(np.asarray(Image.open(odd_image)))
   header, strings = bitstream.unpack(good)
@@ -125,15 +148,16 @@ def test_bad_files_exit_2_with_one_line(trained, odd_image, tmp_path, capsys):
       "empty": b"",
       "flipped bit": good[:20] + bytes([good[20] ^ 4]) + good[21:],
       "other codec": bitstream.pack(bitstream.Header("hcae", header.fingerprint, 37, 53), strings),
-      "other bls2017": bitstream.pack(
-          bitstream.Header("bls2017", bytes(b ^ 0xFF for b in header.fingerprint), 37, 53), strings),
+      "other model": bitstream.pack(
+          bitstream.Header(trained.name, bytes(b ^ 0xFF for b in header.fingerprint), 37, 53), strings),
   }
-  expected = {"other codec": "made by hcae, not bls2017", "other bls2017": "another bls2017 model",
+  expected = {"other codec": f"made by hcae, not {trained.name}",
+              "other model": f"another {trained.name} model",
               "wrong magic": "wrong magic", "flipped bit": "checksum"}
   for name, data in cases.items():
     path = tmp_path / f"{name.replace(' ', '_')}.lic"
     path.write_bytes(data)
-    rc, err = _decompress_in_process(capsys, path, model_path)
+    rc, err = _decompress_in_process(trained, capsys, path)
     assert rc == 2, name
     assert err.startswith("error: ") and "\n" not in err, (name, err)
     assert expected.get(name, "") in err, (name, err)
@@ -141,10 +165,10 @@ def test_bad_files_exit_2_with_one_line(trained, odd_image, tmp_path, capsys):
 
 
 def test_bad_file_in_a_real_process(trained, tmp_path):
-  model_path, _, _ = trained
+  model_path = trained.model_path
   path = tmp_path / "junk.lic"
   path.write_bytes(b"\x89L\x01" + b"\x00" * 10)
-  out = run_script("bls2017.py", "decompress", path, "--model_path", model_path)
+  out = run_script(trained.script, "decompress", path, "--model_path", model_path)
   assert out.returncode == 2
   lines = out.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
@@ -152,9 +176,8 @@ def test_bad_file_in_a_real_process(trained, tmp_path):
 
 
 def test_user_errors(trained, odd_image, tmp_path, capsys):
-  model_path, _, _ = trained
-  run = lambda *argv: (cli.main("bls2017", bls2017.build_model, bls2017.add_model_flags, list(argv)),
-                       capsys.readouterr().err)
+  model_path = trained.model_path
+  run = lambda *argv: (trained.main(*argv), capsys.readouterr().err)
   rc, err = run("compress", str(tmp_path / "missing.png"), "--model_path", model_path)
   assert rc == 2 and "no such file" in err
   rc, err = run("compress", str(odd_image), "--model_path", str(tmp_path / "nomodel"))
@@ -170,17 +193,16 @@ def test_user_errors(trained, odd_image, tmp_path, capsys):
 
 
 def test_evaluate_writes_rd_points_from_real_files(trained, image_folder, tmp_path, capsys):
-  model_path, _, _ = trained
+  model_path = trained.model_path
   csv_path, files = tmp_path / "points.csv", tmp_path / "files"
-  rc = cli.main("bls2017", bls2017.build_model, bls2017.add_model_flags,
-                ["evaluate", "--eval_glob", str(image_folder / "*.png"), "--output", str(csv_path),
-                 "--files_dir", str(files), "--model_path", model_path])
+  rc = trained.main("evaluate", "--eval_glob", str(image_folder / "*.png"), "--output", str(csv_path),
+                    "--files_dir", str(files), "--model_path", model_path)
   assert rc == 0
   assert "mean over 3 images" in capsys.readouterr().out
   rows = rd.read_points(str(csv_path))
   assert [r["image"] for r in rows] == ["a.png", "c.png", "small.png"]
   for row in rows:
-    assert row["codec"] == "bls2017" and float(row["setting"]) == 0.01
+    assert row["codec"] == trained.name and float(row["setting"]) == 0.01
     h, w = Image.open(image_folder / row["image"]).size[::-1]
     size = os.path.getsize(files / (row["image"] + ".lic"))
     assert row["bpp"] == pytest.approx(8 * size / (h * w), abs=1e-5)

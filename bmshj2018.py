@@ -1,0 +1,157 @@
+"""Ballé, Minnen, Singh, Hwang, Johnston, "Variational image compression with a scale hyperprior",
+ICLR 2018.
+
+Analysis: four 5x5 stride-2 convolutions with GDN between; synthesis mirrored with inverse GDN.
+Hyper-analysis on |y|: 3x3 stride 1, 5x5 stride 2, 5x5 stride 2 (ReLU between); hyper-synthesis
+mirrored, predicting for every latent the index of its Gaussian scale in a table of 64 scales
+log-spaced from 0.11 to 256. y is coded with a zero-mean Gaussian convolved with a unit uniform, z
+with a factorized prior.
+
+Decodes never desynchronise: the scale indexes are computed by an exact integer twin of the
+hyper-synthesis (utils/exact.py) on the integer z, identically in encoder and decoder, on any machine.
+
+    python bmshj2018.py train --lambda 0.015
+    python bmshj2018.py compress photo.png          # also prints the rate split between z and y
+    python bmshj2018.py decompress photo.png.lic
+    python bmshj2018.py evaluate
+"""
+import math
+import sys
+
+import utils  # noqa: F401  (first: quiets TensorFlow start-up logs)
+
+import tensorflow as tf
+import tensorflow_compression as tfc
+
+from utils import cli
+from utils.exact import IntegerConvStack
+from utils.model import CompressionModel, float64_twin
+
+NUM_SCALES = 64
+SCALE_MIN = 0.11
+SCALE_MAX = 256.0
+
+
+def scale_fn(index):
+  """Scale of table entry `index` (continuous in training): log-spaced SCALE_MIN..SCALE_MAX."""
+  step = (math.log(SCALE_MAX) - math.log(SCALE_MIN)) / (NUM_SCALES - 1)
+  return tf.exp(math.log(SCALE_MIN) + step * index)
+
+
+def _conv(filters, kernel, stride, activation, dtype, transpose=False):
+  cls = tf.keras.layers.Conv2DTranspose if transpose else tf.keras.layers.Conv2D
+  return cls(filters, kernel, strides=stride, padding="same", activation=activation, dtype=dtype)
+
+
+def analysis_transform(num_filters, latent_depth, dtype="float32"):
+  return tf.keras.Sequential([
+      tf.keras.layers.Rescaling(1 / 255, dtype=dtype),
+      _conv(num_filters, 5, 2, tfc.GDN(dtype=dtype), dtype),
+      _conv(num_filters, 5, 2, tfc.GDN(dtype=dtype), dtype),
+      _conv(num_filters, 5, 2, tfc.GDN(dtype=dtype), dtype),
+      _conv(latent_depth, 5, 2, None, dtype),
+  ], name="analysis")
+
+
+def synthesis_transform(num_filters, dtype="float32"):
+  return tf.keras.Sequential([
+      _conv(num_filters, 5, 2, tfc.GDN(inverse=True, dtype=dtype), dtype, transpose=True),
+      _conv(num_filters, 5, 2, tfc.GDN(inverse=True, dtype=dtype), dtype, transpose=True),
+      _conv(num_filters, 5, 2, tfc.GDN(inverse=True, dtype=dtype), dtype, transpose=True),
+      _conv(3, 5, 2, None, dtype, transpose=True),
+      tf.keras.layers.Rescaling(255, dtype=dtype),
+  ], name="synthesis" if dtype == "float32" else "synthesis_" + dtype)
+
+
+def hyper_analysis_transform(num_filters):
+  return tf.keras.Sequential([
+      _conv(num_filters, 3, 1, "relu", "float32"),
+      _conv(num_filters, 5, 2, "relu", "float32"),
+      _conv(num_filters, 5, 2, None, "float32"),
+  ], name="hyper_analysis")
+
+
+def hyper_synthesis_transform(num_filters, latent_depth):
+  return tf.keras.Sequential([
+      _conv(num_filters, 5, 2, "relu", "float32", transpose=True),
+      _conv(num_filters, 5, 2, "relu", "float32", transpose=True),
+      _conv(latent_depth, 3, 1, None, "float32", transpose=True),
+  ], name="hyper_synthesis")
+
+
+class BMSHJ2018Model(CompressionModel):
+  NAME = "bmshj2018"
+  DOWNSAMPLING = 16  # of the analysis; z is ceil(y / 4), and the hyper-synthesis output is cropped
+  STRING_NAMES = ("z", "y")  # the short side information first, the long y string last
+
+  def __init__(self, lmbda, num_filters=128, latent_depth=192, **kwargs):
+    super().__init__(lmbda, **kwargs)
+    self.num_filters, self.latent_depth = num_filters, latent_depth
+    self.analysis = analysis_transform(num_filters, latent_depth)
+    self.synthesis = synthesis_transform(num_filters)
+    self.hyper_analysis = hyper_analysis_transform(num_filters)
+    self.hyper_synthesis = hyper_synthesis_transform(num_filters, latent_depth)
+    self.hyperprior = tfc.NoisyDeepFactorized(batch_shape=(num_filters,))
+    self.z_model = self.y_model = self.exact_hyper_synthesis = self.synthesis64 = None
+    self.build((None, None, None, 3))
+
+  def _y_entropy_model(self, compression):
+    return tfc.LocationScaleIndexedEntropyModel(
+        tfc.NoisyNormal, NUM_SCALES, scale_fn, coding_rank=3, compression=compression)
+
+  def _z_entropy_model(self, compression):
+    # Integer z (no offset heuristic): the exact hyper-synthesis starts from integers.
+    return tfc.ContinuousBatchedEntropyModel(
+        self.hyperprior, coding_rank=3, compression=compression, offset_heuristic=False)
+
+  def forward(self, x, training):
+    y = self.analysis(x)
+    z = self.hyper_analysis(tf.abs(y))
+    z_hat, z_bits = self._z_entropy_model(False)(z, training=training)
+    indexes = self.hyper_synthesis(z_hat)[:, :tf.shape(y)[1], :tf.shape(y)[2], :]
+    y_hat, y_bits = self._y_entropy_model(False)(y, indexes, training=training)
+    return self.synthesis(y_hat), [z_bits, y_bits]
+
+  def build_coding_tables(self):
+    self.z_model = self._z_entropy_model(True)
+    self.y_model = self._y_entropy_model(True)
+    self.exact_hyper_synthesis = IntegerConvStack(self.hyper_synthesis.layers, name="exact_hs")
+    self.synthesis64 = float64_twin(lambda dtype: synthesis_transform(self.num_filters, dtype),
+                                    self.synthesis, self.latent_depth)
+
+  def scale_indexes(self, z_hat):
+    """Table index of every latent's scale, bit-exact on any machine (see utils/exact.py)."""
+    indexes = tf.floor(self.exact_hyper_synthesis(z_hat) + 0.5)
+    return tf.cast(tf.clip_by_value(indexes, 0, NUM_SCALES - 1), self.compute_dtype)
+
+  def encode(self, x):
+    y = self.analysis(x)
+    z = self.hyper_analysis(tf.abs(y))
+    z_hat = tf.round(z)  # what z_model.compress codes (integer quantization, no offsets)
+    indexes = self.scale_indexes(z_hat)[:, :tf.shape(y)[1], :tf.shape(y)[2], :]
+    _, z_bits = self.z_model(z, training=False)
+    _, y_bits = self.y_model(y, indexes, training=False)
+    return [self.z_model.compress(z), self.y_model.compress(y, indexes)], [z_bits, y_bits]
+
+  def decode(self, strings, padded_shape):
+    latent_shape = padded_shape // self.DOWNSAMPLING
+    z_shape = -(-latent_shape // 4)
+    z_hat = self.z_model.decompress(strings[:1], z_shape)
+    indexes = self.scale_indexes(z_hat)[:, :latent_shape[0], :latent_shape[1], :]
+    y_hat = self.y_model.decompress(strings[1:2], indexes)
+    return self.synthesis64(tf.cast(y_hat, tf.float64))
+
+
+def add_model_flags(parser):
+  parser.add_argument("--num_filters", type=int, default=128,
+                      help="channels of the hidden layers (paper: 128 at low rates, 192 at high rates)")
+  parser.add_argument("--latent_depth", type=int, default=192,
+                      help="channels of the latent y (paper: 192 at low rates, 320 at high rates)")
+
+
+def build_model(args):
+  return BMSHJ2018Model(args.lmbda, num_filters=args.num_filters, latent_depth=args.latent_depth)
+
+
+if __name__ == "__main__":
+  sys.exit(cli.main(BMSHJ2018Model.NAME, build_model, add_model_flags))
