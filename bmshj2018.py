@@ -15,7 +15,6 @@ hyper-synthesis (utils/exact.py) on the integer z, identically in encoder and de
     python bmshj2018.py decompress photo.png.lic
     python bmshj2018.py evaluate
 """
-import math
 import sys
 
 import utils  # noqa: F401  (first: quiets TensorFlow start-up logs)
@@ -24,19 +23,9 @@ import tensorflow as tf
 import tensorflow_compression as tfc
 
 from utils import cli
+from utils.entropy_models import coding_indexes, factorized, gaussian_conditional
 from utils.exact import IntegerConvStack
 from utils.model import CompressionModel, float64_twin
-
-NUM_SCALES = 64
-SCALE_MIN = 0.11
-SCALE_MAX = 256.0
-
-
-def scale_fn(index):
-  """Scale of table entry `index` (continuous in training): log-spaced SCALE_MIN..SCALE_MAX."""
-  step = (math.log(SCALE_MAX) - math.log(SCALE_MIN)) / (NUM_SCALES - 1)
-  return tf.exp(math.log(SCALE_MIN) + step * index)
-
 
 def _conv(filters, kernel, stride, activation, dtype, transpose=False):
   cls = tf.keras.layers.Conv2DTranspose if transpose else tf.keras.layers.Conv2D
@@ -95,34 +84,24 @@ class BMSHJ2018Model(CompressionModel):
     self.z_model = self.y_model = self.exact_hyper_synthesis = self.synthesis64 = None
     self.build((None, None, None, 3))
 
-  def _y_entropy_model(self, compression):
-    return tfc.LocationScaleIndexedEntropyModel(
-        tfc.NoisyNormal, NUM_SCALES, scale_fn, coding_rank=3, compression=compression)
-
-  def _z_entropy_model(self, compression):
-    # Integer z (no offset heuristic): the exact hyper-synthesis starts from integers.
-    return tfc.ContinuousBatchedEntropyModel(
-        self.hyperprior, coding_rank=3, compression=compression, offset_heuristic=False)
-
   def forward(self, x, training):
     y = self.analysis(x)
     z = self.hyper_analysis(tf.abs(y))
-    z_hat, z_bits = self._z_entropy_model(False)(z, training=training)
+    z_hat, z_bits = factorized(self.hyperprior, False)(z, training=training)
     indexes = self.hyper_synthesis(z_hat)[:, :tf.shape(y)[1], :tf.shape(y)[2], :]
-    y_hat, y_bits = self._y_entropy_model(False)(y, indexes, training=training)
+    y_hat, y_bits = gaussian_conditional(False)(y, indexes, training=training)
     return self.synthesis(y_hat), [z_bits, y_bits]
 
   def build_coding_tables(self):
-    self.z_model = self._z_entropy_model(True)
-    self.y_model = self._y_entropy_model(True)
+    self.z_model = factorized(self.hyperprior, True)
+    self.y_model = gaussian_conditional(True)
     self.exact_hyper_synthesis = IntegerConvStack(self.hyper_synthesis.layers, name="exact_hs")
     self.synthesis64 = float64_twin(lambda dtype: synthesis_transform(self.num_filters, dtype),
                                     self.synthesis, self.latent_depth)
 
   def scale_indexes(self, z_hat):
     """Table index of every latent's scale, bit-exact on any machine (see utils/exact.py)."""
-    indexes = tf.floor(self.exact_hyper_synthesis(z_hat) + 0.5)
-    return tf.cast(tf.clip_by_value(indexes, 0, NUM_SCALES - 1), self.compute_dtype)
+    return coding_indexes(self.exact_hyper_synthesis(z_hat), self.compute_dtype)
 
   def encode(self, x):
     y = self.analysis(x)

@@ -25,27 +25,25 @@ def _same_pad(n_in, n_out, k, s):
 
 def _reference(stack, x):
   """The exact stack's arithmetic with Python integers (object arrays): no float anywhere."""
-  a = x.astype(object)
-  specs = stack._specs
-  for i, (spec, kernel, bias) in enumerate(zip(specs, stack.kernels, stack.biases)):
-    lim = int(spec["in_limit"])
-    a = np.clip(a, -lim, lim)
-    k = kernel.numpy().astype(np.int64).astype(object)
-    b = bias.numpy().astype(np.int64).astype(object)
+  limit = int(exact.LIMIT)
+  a = np.clip(x.astype(object) * 2 ** exact.FRAC_BITS, -limit, limit)
+  for conv in stack.convs:
+    k = conv.kernel.numpy().astype(np.int64).astype(object)
+    b = conv.bias.numpy().astype(np.int64).astype(object)
     n, h, w, _ = a.shape
-    s = spec["strides"][0]
-    if spec["transpose"]:
+    s = conv.strides[0]
+    if conv.transpose:
       kh, kw, cout, _ = k.shape
       oh, ow = h * s, w * s
       ph, pw = _same_pad(h, oh, kh, s), _same_pad(w, ow, kw, s)
       y = np.zeros((n, oh, ow, cout), object)
-      for i_ in range(h):
+      for i in range(h):
         for j in range(w):
           for t in range(kh):
             for u in range(kw):
-              o, p = i_ * s + t - ph, j * s + u - pw
+              o, p = i * s + t - ph, j * s + u - pw
               if 0 <= o < oh and 0 <= p < ow:
-                y[:, o, p, :] += a[:, i_, j, :].dot(k[t, u].T)
+                y[:, o, p, :] += a[:, i, j, :].dot(k[t, u].T)
     else:
       kh, kw, _, cout = k.shape
       oh, ow = -(-h // s), -(-w // s)
@@ -55,21 +53,18 @@ def _reference(stack, x):
         for p in range(ow):
           for t in range(kh):
             for u in range(kw):
-              i_, j = o * s + t - ph, p * s + u - pw
-              if 0 <= i_ < h and 0 <= j < w:
-                y[:, o, p, :] += a[:, i_, j, :].dot(k[t, u])
+              i, j = o * s + t - ph, p * s + u - pw
+              if 0 <= i < h and 0 <= j < w:
+                y[:, o, p, :] += a[:, i, j, :].dot(k[t, u])
     y = y + b
-    shifts = [int(v) for v in spec["shift"]]
-    total = [spec["frac_in"] + sh for sh in shifts]
-    if i == len(specs) - 1:
-      return y, total
-    # floor(y * 2**(FRAC - total)) per channel; Python's // floors negatives like tf.floor.
+    # floor(y * 2**-shift) per channel; Python's // floors negatives like tf.floor.
+    shifts = [int(round(-np.log2(r))) for r in conv.rescale.numpy()]
     out = np.empty_like(y)
-    for c, t in enumerate(total):
-      e = exact.FRAC_BITS - t
-      rescale = (lambda v, e=e: v * 2 ** e) if e >= 0 else (lambda v, e=e: v // 2 ** -e)
+    for c, sh in enumerate(shifts):
+      rescale = (lambda v, sh=sh: v // 2 ** sh) if sh >= 0 else (lambda v, sh=sh: v * 2 ** -sh)
       out[..., c] = np.vectorize(rescale, otypes=[object])(y[..., c])
-    a = np.maximum(out, 0) if spec["relu"] else out
+    a = np.clip(np.maximum(out, 0) if conv.relu else out, -limit, limit)
+  return a
 
 
 def test_exact_stack_equals_integer_arithmetic():
@@ -78,9 +73,7 @@ def test_exact_stack_equals_integer_arithmetic():
   rng = np.random.default_rng(1)
   x = np.round(rng.normal(0, 4, (2, 4, 5, 3)))
   got = stack(tf.constant(x)).numpy()
-  y, total = _reference(stack, x.astype(np.int64))
-  want = np.stack([np.vectorize(lambda v: float(v) / 2 ** t)(y[..., c]) for c, t in enumerate(total)],
-                  axis=-1).astype(np.float64)
+  want = _reference(stack, x.astype(np.int64)).astype(np.float64) / 2 ** exact.FRAC_BITS
   np.testing.assert_array_equal(got, want)
 
 

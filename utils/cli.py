@@ -69,13 +69,13 @@ def build_parser(name, add_model_flags):
   return parser, [a.dest for a in model_flags._group_actions]
 
 
-def _check_output(path, overwrite):
+def check_output(path, overwrite):
   import tensorflow as tf
   if tf.io.gfile.exists(path) and not overwrite:
     raise UserError(f"{path} exists; pass --overwrite to replace it")
 
 
-def _write_bytes(path, data):
+def write_bytes(path, data):
   import tensorflow as tf
   try:
     with tf.io.gfile.GFile(path, "wb") as f:
@@ -84,7 +84,7 @@ def _write_bytes(path, data):
     raise UserError(f"cannot write {path}: {e}") from None
 
 
-def _read_bytes(path):
+def read_bytes(path):
   import tensorflow as tf
   if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
     raise UserError(f"no such file: {path}")
@@ -100,8 +100,8 @@ def code_image(model, image, path):
   """
   from utils import metrics
   data, est_bits = model.encode(image)
-  _write_bytes(path, data)
-  data = _read_bytes(path)
+  write_bytes(path, data)
+  data = read_bytes(path)
   recon = model.decode(data)
   height, width = image.shape[:2]
   pixels = height * width
@@ -116,26 +116,30 @@ def code_image(model, image, path):
 def _compress(args, name):
   from utils import codec, data
   output = args.output or args.input + DEFAULT_EXT
-  _check_output(output, args.overwrite)
+  check_output(output, args.overwrite)
   image = data.read_image(args.input) if os.path.exists(args.input) or "://" in args.input else None
   if image is None:
     raise UserError(f"no such file: {args.input}")
   model = codec.Codec(args.model_path, f"{name}.py")
   r = code_image(model, image, output)
-  split = ""
-  if len(r["string_bpp"]) > 1:
-    names = model.string_names
-    split = " [" + ", ".join(f"{n} {b:.4f} bpp" for n, b in zip(names, r["string_bpp"])) + "]"
+  split = _rate_split(model.string_names, r["string_bpp"])
   print(f"{args.input} ({image.shape[0]}x{image.shape[1]}) -> {output}: {r['bytes']} bytes, "
         f"{r['bpp']:.4f} bpp (estimated {r['est_bpp']:.4f}){split}, PSNR {r['psnr']:.2f} dB, "
         f"MS-SSIM {r['ms_ssim']:.4f}")
 
 
+def _rate_split(names, string_bpp):
+  """' [z 0.0123 bpp, y 0.4567 bpp]': the real rate of each string, for models with several."""
+  if len(names) < 2:
+    return ""
+  return " [" + ", ".join(f"{n} {b:.4f} bpp" for n, b in zip(names, string_bpp)) + "]"
+
+
 def _decompress(args, name):
   from utils import codec, data
   output = args.output or args.input + ".png"
-  _check_output(output, args.overwrite)
-  raw = _read_bytes(args.input)
+  check_output(output, args.overwrite)
+  raw = read_bytes(args.input)
   model = codec.Codec(args.model_path, f"{name}.py")
   image = model.decode(raw)
   try:
@@ -152,7 +156,7 @@ def _evaluate(args, name):
   setting = model.config.get("lambda", "")
   output = args.output or os.path.join(
       "results", os.path.basename(os.path.normpath(args.model_path)) + ".csv")
-  rows = []
+  rows, splits = [], []
   with tempfile.TemporaryDirectory() as tmp:
     files_dir = args.files_dir or tmp
     os.makedirs(files_dir, exist_ok=True)
@@ -162,12 +166,16 @@ def _evaluate(args, name):
       r = code_image(model, image, os.path.join(files_dir, stem + DEFAULT_EXT))
       rows.append(dict(codec=name, setting=setting, image=stem, bpp=r["bpp"], psnr=r["psnr"],
                        ms_ssim=r["ms_ssim"], est_bpp=r["est_bpp"]))
-      print(f"[{i + 1}/{len(paths)}] {stem}: {r['bpp']:.4f} bpp (estimated {r['est_bpp']:.4f}), "
-            f"PSNR {r['psnr']:.2f} dB, MS-SSIM {r['ms_ssim']:.4f}", flush=True)
+      splits.append(r["string_bpp"])
+      print(f"[{i + 1}/{len(paths)}] {stem}: {r['bpp']:.4f} bpp (estimated {r['est_bpp']:.4f})"
+            f"{_rate_split(model.string_names, r['string_bpp'])}, PSNR {r['psnr']:.2f} dB, "
+            f"MS-SSIM {r['ms_ssim']:.4f}", flush=True)
   rd.write_points(output, rows)
   m = rd.means(rows)
-  print(f"mean over {len(rows)} images: {m['bpp']:.4f} bpp (estimated {m['est_bpp']:.4f}), "
-        f"PSNR {m['psnr']:.2f} dB, MS-SSIM {m['ms_ssim']:.4f}; points in {output}")
+  mean_split = [sum(col) / len(col) for col in zip(*splits)]
+  print(f"mean over {len(rows)} images: {m['bpp']:.4f} bpp (estimated {m['est_bpp']:.4f})"
+        f"{_rate_split(model.string_names, mean_split)}, PSNR {m['psnr']:.2f} dB, "
+        f"MS-SSIM {m['ms_ssim']:.4f}; points in {output}")
 
 
 def model_config(name, args, model_flags):

@@ -38,6 +38,17 @@ def export(model, model_dir, config):
   return fingerprint
 
 
+_loaded = {}
+
+
+def _load(path):
+  """tf.saved_model.load, once per process for each version of a SavedModel (loading takes seconds)."""
+  key = (os.path.abspath(path), tf.io.gfile.stat(os.path.join(path, "saved_model.pb")).mtime_nsec)
+  if key not in _loaded:
+    _loaded[key] = tf.saved_model.load(path)
+  return _loaded[key]
+
+
 class Codec:
   """An exported model, loaded for coding."""
 
@@ -46,7 +57,7 @@ class Codec:
     if not tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
       hint = f" (train one first: python {script_hint} train, or pass --model_path)" if script_hint else ""
       raise UserError(f"no trained model at {model_dir}{hint}")
-    self._module = tf.saved_model.load(path)
+    self._module = _load(path)
     meta = json.loads(self._module.metadata.numpy().decode())
     self.name = meta["codec"]
     self.fingerprint = bytes.fromhex(meta["fingerprint"])

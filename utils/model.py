@@ -47,6 +47,7 @@ class CompressionModel(tf.keras.Model):
   NAME = None
   DOWNSAMPLING = None
   STRING_NAMES = ("y",)  # what each coded string holds, in file order
+  GLOBAL_CLIPNORM = None  # clip the global gradient norm in training (None: no clipping)
 
   def __init__(self, lmbda, **kwargs):
     super().__init__(**kwargs)

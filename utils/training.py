@@ -65,8 +65,9 @@ class _StopOnNaN(tf.keras.callbacks.Callback):
       raise _NaNLoss(self._epoch + 1, batch + 1)
 
 
-def train(build_model, args, model_config):
-  """Trains (or resumes) the model of model_config in args.model_path and exports it.
+def train(build_model, args, model_config, export=True):
+  """Trains (or resumes) the model of model_config in args.model_path and exports it (unless not
+  `export`: the checkpoint alone is written).
 
   Returns the Keras History of this invocation (empty when the run had already finished).
   """
@@ -78,7 +79,8 @@ def train(build_model, args, model_config):
   strategy = make_strategy()
   with strategy.scope():
     model = build_model(args)
-    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=args.learning_rate))
+    model.compile(optimizer=tf.keras.optimizers.Adam(
+        learning_rate=args.learning_rate, global_clipnorm=model.GLOBAL_CLIPNORM))
   callbacks = [
       _StopOnNaN(),
       # Saves model and optimizer state at every epoch end and restores them on the next run, so an
@@ -99,6 +101,8 @@ def train(build_model, args, model_config):
     raise UserError(
         f"loss became NaN at epoch {epoch}, step {step} (lambda {model_config['lambda']}); "
         "the checkpoint of the last finished epoch is kept: lower --learning_rate and rerun") from None
+  if not export:
+    return history
   fingerprint = codec.export(model, model_dir, model_config)
   log.info("exported %s (weights %s)", os.path.join(model_dir, codec.SAVED_MODEL), fingerprint.hex())
   return history
