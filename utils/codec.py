@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_compression  # noqa: F401  (registers the range-coding ops the SavedModels use)
 
 from utils import bitstream
 from utils.errors import BitstreamError, UserError
