@@ -612,7 +612,7 @@ def _variants(args):
       print(f"skipping {name}: this Pillow has no {PILLOW_CODECS[name].format} support", file=sys.stderr)
       continue
     bases = (BASES if args.basis == "both" else (args.basis,)) if name == "klt" else (None,)
-    out += [(name, *_coder(name, args.subsampling, basis)) for basis in bases]
+    out += [(name, basis) for basis in bases]
   return out
 
 
@@ -631,22 +631,32 @@ def _setting(quality):
   return int(quality) if float(quality).is_integer() else float(quality)
 
 
+def rd_rows(name, images, qualities=None, subsampling="420", basis="global"):
+  """RD rows of one codec over its quality ladder: (label, rows); images are (name, uint8) pairs.
+
+  bpp comes from the encoded bytes, PSNR and MS-SSIM from the decoded image.
+  """
+  from utils import metrics
+  label, code = _coder(name, subsampling, basis if name == "klt" else None)
+  rows = []
+  for stem, image in images:
+    for quality in _ladder(name, qualities):
+      encoded, recon = code(quality, image)
+      rows.append(dict(codec=label, setting=_setting(quality), image=stem,
+                       bpp=metrics.bpp(len(encoded), *image.shape[:2]),
+                       psnr=metrics.psnr(image, recon), ms_ssim=metrics.ms_ssim(image, recon)))
+  return label, rows
+
+
 def sweep(args):
-  from utils import data, metrics, rd
+  from utils import data, rd
   paths = data.eval_paths("builtin", args.eval_glob)
   images = [(os.path.basename(p), data.read_image(p)) for p in paths]
   variants = _variants(args)
   all_rows = {}
-  for name, label, code in variants:
-    ladder = _ladder(name, args.qualities)
+  for name, basis in variants:
     start = time.time()
-    rows = []
-    for stem, image in images:
-      for quality in ladder:
-        encoded, recon = code(quality, image)
-        rows.append(dict(codec=label, setting=_setting(quality), image=stem,
-                         bpp=metrics.bpp(len(encoded), *image.shape[:2]),
-                         psnr=metrics.psnr(image, recon), ms_ssim=metrics.ms_ssim(image, recon)))
+    label, rows = rd_rows(name, images, args.qualities, args.subsampling, basis)
     all_rows[label] = rows
     _print_means(label, rows, len(images), time.time() - start)
     if not args.output:

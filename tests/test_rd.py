@@ -71,3 +71,10 @@ def test_points_round_trip_through_csv(tmp_path):
   assert back[0]["setting"] == "50" and math.isnan(back[0]["est_bpp"])
   assert back[1]["est_bpp"] == pytest.approx(0.39)
   assert np.allclose([r["bpp"] for r in back], [0.5, 0.4])
+
+
+def test_bd_rate_of_ten_percent_fewer_bits_is_minus_ten():
+  anchor = [(0.2, 28.0), (0.4, 31.0), (0.8, 34.5), (1.6, 38.0)]
+  assert rd.bd_rate(anchor, anchor) == pytest.approx(0.0, abs=1e-9)
+  cheaper = [(0.9 * bpp, psnr) for bpp, psnr in anchor]
+  assert rd.bd_rate(anchor, cheaper) == pytest.approx(-10.0, abs=1e-6)

@@ -44,6 +44,9 @@ def build_parser(name, add_model_flags):
   train.add_argument("--train_glob", help="with --dataset folder: the training images, e.g. 'train2017/*.jpg'")
   train.add_argument("--eval_glob", help="validation images (default: the built-in eval photos)")
   train.add_argument("--data_dir", help="with --dataset coco: tensorflow-datasets data directory")
+  train.add_argument("--distribute", choices=("auto", "mirrored", "multiworker"), default="auto",
+                     help="tf.distribute strategy: auto (several GPUs -> mirrored), mirrored (all local "
+                     "GPUs, or logical CPUs), multiworker (MultiWorkerMirroredStrategy via TF_CONFIG)")
   train.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
                      help="Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch")
   add_model_path(train)

@@ -170,9 +170,23 @@ def eval_paths(dataset="builtin", eval_glob=None):
   raise UserError(f"unknown dataset {dataset!r}")
 
 
-def eval_dataset(paths):
-  """Whole images, one per batch (sizes differ), float32 in 0..255."""
+def eval_dataset(paths, replicas=1):
+  """Validation images, float32 in 0..255: whole images, one per batch (sizes differ).
+
+  Split over several replicas, a batch of one leaves a replica an empty batch, which TensorFlow's
+  convolutions reject; there the images are centre crops of one common size (the largest multiple
+  of 16 up to 256 that fits all), cycled up to a multiple of the number of replicas (so an image can
+  count twice) and batched by it: every replica gets one crop.
+  """
   images = [read_image(p) for p in paths]
-  return tf.data.Dataset.from_generator(
-      lambda: (im[None].astype(np.float32) for im in images),
-      output_signature=tf.TensorSpec((1, None, None, 3), tf.float32))
+  if replicas == 1:
+    return tf.data.Dataset.from_generator(
+        lambda: (im[None].astype(np.float32) for im in images),
+        output_signature=tf.TensorSpec((1, None, None, 3), tf.float32))
+  side = min(256, min(min(im.shape[:2]) for im in images)) // 16 * 16
+  if side == 0:
+    raise UserError("validation images must be at least 16x16 pixels")
+  crops = [im[(im.shape[0] - side) // 2:][:side, (im.shape[1] - side) // 2:][:, :side] for im in images]
+  count = -(-len(crops) // replicas) * replicas
+  crops = [crops[i % len(crops)] for i in range(count)]
+  return tf.data.Dataset.from_tensor_slices(np.stack(crops).astype(np.float32)).batch(replicas)

@@ -66,8 +66,9 @@ class CompressionModel(tf.keras.Model):
     x_hat, bits = self.forward(pad_to_multiple(x, self.DOWNSAMPLING), training)
     x_hat = x_hat[:, :height, :width, :]
     num_pixels = tf.cast(tf.shape(x)[0] * height * width, self.compute_dtype)
-    bpp = tf.add_n([tf.reduce_sum(b) for b in bits]) / num_pixels
-    mse = tf.reduce_mean(tf.math.squared_difference(x, x_hat))
+    # divide_no_nan: keeps an empty per-replica batch (possible under tf.distribute) finite.
+    bpp = tf.math.divide_no_nan(tf.add_n([tf.reduce_sum(b) for b in bits]), num_pixels)
+    mse = tf.math.divide_no_nan(tf.reduce_sum(tf.math.squared_difference(x, x_hat)), 3 * num_pixels)
     # loss = bpp + lambda * MSE, MSE on the 0..255 scale (tensorflow-compression's convention).
     return dict(loss=bpp + self.lmbda * mse, bpp=bpp, mse=mse)
 
@@ -75,22 +76,25 @@ class CompressionModel(tf.keras.Model):
   def metrics(self):
     return [self.loss_tracker, self.bpp_tracker, self.mse_tracker]
 
-  def _update(self, terms):
-    self.loss_tracker.update_state(terms["loss"])
-    self.bpp_tracker.update_state(terms["bpp"])
-    self.mse_tracker.update_state(terms["mse"])
+  def _update(self, terms, x):
+    weight = tf.shape(x)[0]  # per-replica batch size: an empty batch adds nothing
+    self.loss_tracker.update_state(terms["loss"], sample_weight=weight)
+    self.bpp_tracker.update_state(terms["bpp"], sample_weight=weight)
+    self.mse_tracker.update_state(terms["mse"], sample_weight=weight)
     return {m.name: m.result() for m in self.metrics}
 
   def train_step(self, x):
     with tf.GradientTape() as tape:
       terms = self(x, training=True)
-    grads = tape.gradient(terms["loss"], self.trainable_variables)
+      # Replicas' gradients are summed: scale each replica's mean loss to get the global mean.
+      loss = terms["loss"] / tf.distribute.get_strategy().num_replicas_in_sync
+    grads = tape.gradient(loss, self.trainable_variables)
     self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
-    return self._update(terms)
+    return self._update(terms, x)
 
   def test_step(self, x):
     # training=False: hard quantization and the rate of the quantized latents.
-    return self._update(self(x, training=False))
+    return self._update(self(x, training=False), x)
 
   def predict_step(self, x):
     raise NotImplementedError("use compress/decompress")

@@ -17,9 +17,19 @@ BACKUP = "backup"
 LOGS = "logs"
 
 
-def make_strategy():
-  """MirroredStrategy over several local GPUs, else the default (one GPU or the CPU)."""
+def make_strategy(kind="auto"):
+  """The tf.distribute strategy for `--distribute`.
+
+  auto: MirroredStrategy over several local GPUs, else the default (one GPU or the CPU).
+  mirrored: MirroredStrategy over all local GPUs, or over all logical CPUs when there is no GPU.
+  multiworker: MultiWorkerMirroredStrategy; the cluster comes from the TF_CONFIG variable.
+  """
+  if kind == "multiworker":
+    return tf.distribute.MultiWorkerMirroredStrategy()
   gpus = tf.config.list_logical_devices("GPU")
+  if kind == "mirrored":
+    devices = gpus or tf.config.list_logical_devices("CPU")
+    return tf.distribute.MirroredStrategy([d.name for d in devices])
   if len(gpus) > 1:
     return tf.distribute.MirroredStrategy()
   return tf.distribute.get_strategy()
@@ -71,12 +81,14 @@ def train(build_model, args, model_config, export=True):
 
   Returns the Keras History of this invocation (empty when the run had already finished).
   """
+  # First: MultiWorkerMirroredStrategy must exist before other TensorFlow work in the process.
+  strategy = make_strategy(getattr(args, "distribute", "auto"))
   model_dir = args.model_path
   check_model_dir(model_dir, model_config)
   train_ds = data.train_dataset(args.dataset, args.patch_size, args.batch_size,
                                 train_glob=args.train_glob, data_dir=args.data_dir)
-  val_ds = data.eval_dataset(data.eval_paths(args.dataset, args.eval_glob))
-  strategy = make_strategy()
+  val_ds = data.eval_dataset(data.eval_paths(args.dataset, args.eval_glob),
+                             replicas=strategy.num_replicas_in_sync)
   with strategy.scope():
     model = build_model(args)
     model.compile(optimizer=tf.keras.optimizers.Adam(

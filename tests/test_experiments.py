@@ -1,0 +1,112 @@
+"""experiments/: the sweep (presets, sharding, resume), Figure 6, the reconstruction panels, and
+training under a mirrored strategy on two logical CPUs."""
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT, natural_image
+
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import figure6  # noqa: E402
+import reconstructions  # noqa: E402
+import sweep  # noqa: E402
+
+
+def test_presets_and_job_flags():
+  presets = sweep.load_presets()
+  assert {"smoke", "cpu", "paper"} <= set(presets)
+  assert presets["paper"]["lambdas"] == [0.0006, 0.001, 0.004, 0.015, 0.05, 0.19, 0.65, 2.29, 8.02]
+  argv = sweep.train_argv(presets["paper"], "bmshj2018", 0.65, {"dataset": "folder", "train_glob": "x/*.jpg"})
+  assert argv[:2] == ["--lambda", "0.65"]
+  assert argv[argv.index("--epochs") + 1] == "200" and argv[argv.index("--dataset") + 1] == "folder"
+  assert argv[-4:] == ["--num_filters", "192", "--latent_depth", "320"]  # the paper's high-rate widths
+  low = sweep.train_argv(presets["paper"], "bmshj2018", 0.015, {})
+  assert low[-4:] == ["--num_filters", "128", "--latent_depth", "192"]
+
+
+def test_shards_partition_the_jobs():
+  every = sweep.jobs(("a", "b"), (1, 2, 3), (0, 1))
+  shards = [sweep.jobs(("a", "b"), (1, 2, 3), (i, 4)) for i in range(4)]
+  assert sorted(j for s in shards for j in s) == sorted(every) and len(every) == 6
+  with pytest.raises(Exception):
+    sweep.parse_shard("4/4")
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+  """A smoke sweep of bls2017 at two lambdas, run twice (the second run must skip both)."""
+  work = tmp_path_factory.mktemp("sweep")
+  for i in range(2):
+    Image.fromarray(natural_image(48 + 16 * i, 64, 20 + i)).save(work / f"eval{i}.png")
+  models = work / "models"
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "sweep.py"), "--model", "bls2017",
+         "--preset", "smoke", "--models_dir", str(models), "--verbose", "0"]
+  first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+  second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  return work, models, first, second
+
+
+def test_sweep_trains_every_pair_then_skips_them(swept):
+  _, models, first, second = swept
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert sorted(os.listdir(models)) == ["bls2017-lambda0.004", "bls2017-lambda0.05"]
+  for d in os.listdir(models):
+    assert os.path.exists(models / d / "saved_model" / "saved_model.pb")
+  assert second.returncode == 0 and second.stdout.count("finished before, skipped") == 2
+
+
+def test_figure6_from_the_sweep(swept, capsys):
+  work, models, _, _ = swept
+  out = work / "results"
+  reference = work / "ref.txt"
+  reference.write_text("# bpp, psnr\n0.2, 28.0\n0.5, 32.0\n")
+  rc = figure6.main(["--models_dir", str(models), "--eval_glob", str(work / "eval*.png"),
+                     "--classical", "jpeg,webp", "--output_dir", str(out), "--reference", str(reference)])
+  assert rc == 0
+  from utils import rd
+  rows = rd.read_points(str(out / "rd_points.csv"))
+  codecs = {r["codec"] for r in rows}
+  assert codecs == {"bls2017", "jpeg", "webp"}
+  assert len([r for r in rows if r["codec"] == "bls2017"]) == 4  # 2 lambdas x 2 images
+  for name in ("figure6_psnr", "figure6_msssim"):
+    with Image.open(out / f"{name}.png") as im:
+      assert im.size[0] > 300 and im.size[1] > 200
+    assert (out / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
+  table = (out / "bd_rate.md").read_text()
+  assert "| bls2017 |" in table and "| webp |" in table and "%" in table
+
+
+def test_reconstruction_panel(swept):
+  work, models, _, _ = swept
+  out = work / "panels"
+  assert reconstructions.main(["--models_dir", str(models), "--image", str(work / "eval1.png"),
+                               "--crop", "32", "--output_dir", str(out)]) == 0
+  with Image.open(out / "reconstructions_eval1.png") as im:
+    assert im.size[0] > 200
+
+
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
+  Image.fromarray(natural_image(64, 64)).save(tmp_path / "val.png")
+  script = f"""
+import sys
+sys.path.insert(0, {ROOT!r})
+import utils, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import bls2017, math
+from utils import cli, training
+parser, flags = cli.build_parser("bls2017", bls2017.add_model_flags)
+args = parser.parse_args(["train", "--num_filters", "8", "--patch_size", "32", "--batch_size", "4",
+                          "--epochs", "1", "--steps_per_epoch", "3", "--verbose", "0",
+                          "--distribute", "mirrored", "--eval_glob", {str(tmp_path / "val.png")!r},
+                          "--model_path", {str(tmp_path / "m")!r}])
+history = training.train(bls2017.build_model, args, cli.model_config("bls2017", args, flags), export=False)
+print("replicas", history.model.distribute_strategy.num_replicas_in_sync)
+assert all(math.isfinite(v) for v in history.history["loss"] + history.history["val_loss"])
+"""
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "replicas 2" in out.stdout
