@@ -20,6 +20,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import utils  # noqa: E402,F401  (quiets TensorFlow's start-up logs when a job directory is checked)
+
 MODELS = ("bls2017", "bmshj2018", "hcae")
 PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets.json")
 DONE = "sweep_done.json"
