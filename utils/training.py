@@ -93,6 +93,8 @@ def train(build_model, args, model_config, export=True):
     model = build_model(args)
     model.compile(optimizer=tf.keras.optimizers.Adam(
         learning_rate=args.learning_rate, global_clipnorm=model.GLOBAL_CLIPNORM))
+    # Slots now, not at the first step: a resumed run restores them even when no step is left to run.
+    model.optimizer.build(model.trainable_variables)
   callbacks = [
       _StopOnNaN(),
       # Saves model and optimizer state at every epoch end and restores them on the next run, so an
