@@ -2,7 +2,9 @@
 
 GDN analysis transform (9x9 stride 4, 5x5 stride 2, 5x5 stride 2), mirrored synthesis with inverse
 GDN, and a factorized prior (tensorflow-compression's NoisyDeepFactorized) on the latents.
-Training adds uniform noise to the latents; coding rounds them.
+Training adds uniform noise to the latents for the rate term and feeds the synthesis the rounded
+latents with a straight-through gradient (--quantization noise: the noisy ones, as in the paper);
+coding rounds them.
 
     python bls2017.py train --lambda 0.015
     python bls2017.py compress photo.png
@@ -57,14 +59,21 @@ class BLS2017Model(CompressionModel):
     self.coding_model = self.synthesis64 = None
     self.build((None, None, None, 3))
 
+  def _entropy_model(self, compression):
+    # No offset heuristic: y is coded as round(y), the value the straight-through training
+    # proxy feeds the synthesis (the heuristic's offsets cost an iterative search per step).
+    return tfc.ContinuousBatchedEntropyModel(self.prior, coding_rank=3, compression=compression,
+                                             offset_heuristic=False)
+
   def forward(self, x, training):
-    entropy_model = tfc.ContinuousBatchedEntropyModel(self.prior, coding_rank=3, compression=False)
-    y_hat, bits = entropy_model(self.analysis(x), training=training)
+    entropy_model = self._entropy_model(False)
+    y = self.analysis(x)
+    y_tilde, bits = entropy_model(y, training=training)
+    y_hat = self.synthesis_input(y_tilde, y, tf.round(y), training)
     return self.synthesis(y_hat), [bits]
 
   def build_coding_tables(self):
-    self.coding_model = tfc.ContinuousBatchedEntropyModel(
-        self.prior, coding_rank=3, compression=True)
+    self.coding_model = self._entropy_model(True)
     self.synthesis64 = float64_twin(lambda dtype: synthesis_transform(self.num_filters, dtype),
                                     self.synthesis, self.num_filters)
 
@@ -75,7 +84,7 @@ class BLS2017Model(CompressionModel):
 
   def decode(self, strings, padded_shape):
     y_hat = self.coding_model.decompress(strings[:1], padded_shape // self.DOWNSAMPLING)
-    return self.synthesis64(tf.cast(y_hat, tf.float64))
+    return tf.cast(y_hat, tf.float64)
 
 
 def add_model_flags(parser):

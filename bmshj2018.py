@@ -89,7 +89,9 @@ class BMSHJ2018Model(CompressionModel):
     z = self.hyper_analysis(tf.abs(y))
     z_hat, z_bits = factorized(self.hyperprior, False)(z, training=training)
     indexes = self.hyper_synthesis(z_hat)[:, :tf.shape(y)[1], :tf.shape(y)[2], :]
-    y_hat, y_bits = gaussian_conditional(False)(y, indexes, training=training)
+    y_tilde, y_bits = gaussian_conditional(False)(y, indexes, training=training)
+    # The coder rounds y to integers (zero-mean model, no offsets).
+    y_hat = self.synthesis_input(y_tilde, y, tf.round(y), training)
     return self.synthesis(y_hat), [z_bits, y_bits]
 
   def build_coding_tables(self):
@@ -118,7 +120,7 @@ class BMSHJ2018Model(CompressionModel):
     z_hat = self.z_model.decompress(strings[:1], z_shape)
     indexes = self.scale_indexes(z_hat)[:, :latent_shape[0], :latent_shape[1], :]
     y_hat = self.y_model.decompress(strings[1:2], indexes)
-    return self.synthesis64(tf.cast(y_hat, tf.float64))
+    return tf.cast(y_hat, tf.float64)
 
 
 def add_model_flags(parser):

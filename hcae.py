@@ -155,8 +155,9 @@ class HCAEModel(CompressionModel):
   def forward(self, x, training):
     features = self._features(x)
     top = self.levels - 1
-    z_hat, top_bits = factorized(self.hyperprior, False)(
-        self.top_posterior(features[top]), training=training)
+    z = self.top_posterior(features[top])
+    z_hat, top_bits = factorized(self.hyperprior, False)(z, training=training)
+    z_hat = self.synthesis_input(z_hat, z, tf.round(z), training)
     state = self.top_input(z_hat)
     bits = [top_bits]
     gaussian = gaussian_conditional(False)
@@ -165,6 +166,8 @@ class HCAEModel(CompressionModel):
       mean, scale_index = self._prior(level, state)
       y = self.posterior_net[level](tf.concat([features[level], state], -1))
       residual, level_bits = gaussian(y - mean, scale_index, training=training)
+      # The coder codes round(y - mean): that, not the noisy residual, is what decoding builds on.
+      residual = self.synthesis_input(residual, y - mean, tf.round(y - mean), training)
       state = state + self.merge[level](mean + residual)
       bits.append(level_bits)
     return self.synthesis(self.out_block(state)), bits
@@ -198,8 +201,8 @@ class HCAEModel(CompressionModel):
     return tf.clip_by_value(state + self.exact.merge[level](exact.to_fixed(y_hat)),
                             -exact.LIMIT, exact.LIMIT)
 
-  def _reconstruct(self, state):
-    return self.synthesis64(exact.from_fixed(self.exact.out_block(state)))
+  def _synthesis_input(self, state):
+    return exact.from_fixed(self.exact.out_block(state))
 
   def encode(self, x):
     features = self._features(x)
@@ -229,7 +232,7 @@ class HCAEModel(CompressionModel):
       mean, indexes = self._exact_prior(level, state)
       symbols = self.level_model.decompress(strings[i + 1:i + 2], indexes)
       state = self._exact_absorb(level, state, mean + tf.cast(symbols, tf.float64))
-    return self._reconstruct(state)
+    return self._synthesis_input(state)
 
 
 def _channels(text):

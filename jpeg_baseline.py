@@ -358,17 +358,24 @@ class Settings:
     return f"{self.codec}{basis}, quality {self.quality}, {':'.join(self.subsampling)}"
 
 
-def config_fingerprint(codec):
+def config_key(codec):
   """Identifies the codec's fixed configuration (tables, scan, colour, fixed-point basis precision)."""
-  return bitstream.weights_fingerprint([
+  return bitstream.weights_digest([
       np.frombuffer(f"{codec} v1".encode(), np.uint8), JPEG_TABLES, ZIGZAG, RGB_TO_YCBCR,
       np.array([GLOBAL_PRECISION, IMAGE_PRECISION, MOMENT_SCALE])])
 
 
-def expected_fingerprint(settings):
+def expected_key(settings):
+  """The key of a file's check, as a model's weights digest is for the neural codecs (public here:
+  the check then guards against accidents and careless edits, not against a careful forger, whose
+  file the decoder still turns into an error or a picture, never a hang)."""
   if settings.basis == "global":
-    return bitstream.weights_fingerprint(global_rotations(settings.subsampling))
-  return config_fingerprint(settings.codec)
+    return bitstream.weights_digest(global_rotations(settings.subsampling))
+  return config_key(settings.codec)
+
+
+def expected_fingerprint(settings):
+  return expected_key(settings)[:bitstream.FINGERPRINT_BYTES]
 
 
 def _params_bytes(settings, steps):
@@ -440,7 +447,7 @@ def encode(image, settings):
               huffman.encode_runs(levels[1][:, 1:]),
               huffman.encode_runs(levels[0][:, 1:])]
   header = bitstream.Header(settings.codec, expected_fingerprint(settings), height, width)
-  return bitstream.pack(header, strings)
+  return bitstream.pack(header, strings, key=expected_key(settings))
 
 
 def read_settings(data):
@@ -459,6 +466,7 @@ def read_settings(data):
             if settings.basis == "global" else f"an incompatible version of the {settings.codec} codec")
     raise BitstreamError(f"file was made with {what}: fingerprint {header.fingerprint.hex()}, "
                          f"this program's is {fingerprint.hex()}")
+  bitstream.verify_check(header, strings, expected_key(settings))
   return header, settings, steps, strings
 
 
@@ -479,16 +487,45 @@ def decode(data):
   bases, steps, _ = _transforms(settings, rotations=rotations)
   if stored_steps is not None:
     steps = stored_steps
-  blocks = []
-  for g, planes in enumerate((1, 2)):
-    levels = np.concatenate([np.cumsum(dc[g].reshape(planes, -1), axis=1).reshape(-1, 1), ac[g]], axis=1)
-    blocks.append(dequantize(levels, bases[g], steps[g]))
-  planes = [from_blocks(blocks[0], *shapes[0]),
-            from_blocks(blocks[1][:counts[1]], *shapes[1]),
-            from_blocks(blocks[1][counts[1]:], *shapes[2])]
-  if settings.subsampling == "420":
-    planes[1:] = [upsample(p, header.height, header.width) for p in planes[1:]]
-  return ycbcr_to_rgb(planes), settings
+  dc = [np.cumsum(dc[g].reshape(planes, -1), axis=1).ravel() for g, planes in enumerate((1, 2))]
+  first = [(0, 0), (1, 0), (1, counts[1])]  # each plane's group and first block in it
+  planes = [_plane_from_levels(dc[g][i:i + n], ac[g][i:i + n], bases[g], steps[g], *shape)
+            for (g, i), n, shape in zip(first, counts, shapes)]
+  # Stripe by stripe: the float64 temporaries of upsampling and colour conversion stay a few rows
+  # high, so decoding takes about 20 bytes a pixel whatever the size (whole-image temporaries took
+  # over 120).
+  image = np.empty((header.height, header.width, 3), np.uint8)
+  for top in range(0, header.height, STRIPE):
+    bottom = min(top + STRIPE, header.height)
+    chroma = [_chroma_rows(p, top, bottom, header.width, settings.subsampling) for p in planes[1:]]
+    image[top:bottom] = ycbcr_to_rgb([planes[0][top:bottom]] + chroma)
+  return image, settings
+
+
+STRIPE = 16 * BLOCK  # rows of pixels decoded at a time
+
+
+def _plane_from_levels(dc, ac, basis, steps, height, width):
+  """A plane from the DC and AC levels of its blocks, dequantized a stripe of block rows at a time."""
+  columns = -(-width // BLOCK)
+  plane = np.empty((height, width))
+  for top in range(0, height, STRIPE):
+    bottom = min(top + STRIPE, height)
+    blocks = slice(top // BLOCK * columns, -(-bottom // BLOCK) * columns)
+    levels = np.concatenate([dc[blocks, None], ac[blocks]], axis=1)
+    plane[top:bottom] = from_blocks(dequantize(levels, basis, steps), bottom - top, width)
+  return plane
+
+
+def _chroma_rows(plane, top, bottom, width, subsampling):
+  """Rows top..bottom of a chroma plane at full resolution (upsampled from 4:2:0 with one chroma
+  row of context on each side, which gives exactly the rows of the whole plane upsampled)."""
+  if subsampling == "444":
+    return plane[top:bottom]
+  first = max(top // 2 - 1, 0)
+  last = min((bottom - 1) // 2 + 2, plane.shape[0])
+  rows = upsample(plane[first:last], 2 * (last - first), width)
+  return rows[top - 2 * first:bottom - 2 * first]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -717,8 +754,6 @@ def _compress(args):
   from utils import cli, data, metrics
   output = args.output or args.input + cli.DEFAULT_EXT
   cli.check_output(output, args.overwrite)
-  if not os.path.exists(args.input) and "://" not in args.input:
-    raise UserError(f"no such file: {args.input}")
   image = data.read_image(args.input)
   basis = args.basis if args.codec == "klt" else None
   settings = Settings(args.codec, args.quality, args.subsampling, basis)
@@ -831,13 +866,9 @@ COMMANDS = {"sweep": sweep, "compress": _compress, "decompress": _decompress, "c
 
 def main(argv=None):
   """Runs one command; returns the exit status (2 with a one-line `error:` for user errors)."""
+  from utils.cli import run_reporting_errors
   args = build_parser().parse_args(argv)
-  try:
-    COMMANDS[args.command](args)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return run_reporting_errors(lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import utils  # noqa: E402,F401  (quiets TensorFlow start-up logs)
 import tensorflow as tf  # noqa: E402
 
-from utils import cli, data  # noqa: E402
+from utils import cli, data, training  # noqa: E402
 
 
 class _StepTimer(tf.keras.callbacks.Callback):
@@ -46,7 +46,9 @@ def main(argv=None):
   args = model_parser.parse_args(["train", *rest])
   ds = data.train_dataset(args.dataset, args.patch_size, args.batch_size, train_glob=args.train_glob)
   model = script.build_model(args)
-  model.compile(optimizer=tf.keras.optimizers.Adam(args.learning_rate))
+  model.quantization = args.quantization
+  # The optimizer of a real run: the recipe's schedule and gradient clipping.
+  model.compile(optimizer=training.make_optimizer(args, 1000, model))
   timer = _StepTimer()
   model.fit(ds, epochs=1, steps_per_epoch=known.warmup + known.steps, callbacks=[timer], verbose=0)
   times = timer.times[known.warmup:]

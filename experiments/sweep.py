@@ -1,6 +1,6 @@
 """The lambda sweep: trains every (model, lambda) pair of a preset into its own model directory.
 
-    python experiments/sweep.py --model all --preset cpu
+    python experiments/sweep.py --model all --preset cpu --figure6    # the main job: train, then Figure 6
     python experiments/sweep.py --model bls2017 --preset paper --dataset folder --train_glob 'train2017/*.jpg'
     python experiments/sweep.py --model all --preset paper --shard 0/4      # this machine: jobs 0, 4, 8, ...
 
@@ -9,6 +9,13 @@ resumes from its checkpoint when rerun, and a finished job (its SavedModel exist
 with the same flags) is skipped. Presets live in experiments/presets.json. Directories go through
 tf.io.gfile, so --models_dir can be on shared or cloud storage, and --shard splits the jobs across
 machines; --distribute hands a tf.distribute strategy to every job.
+
+Warm start (default; --cold turns it off for the papers' protocol): for each model, the middle
+lambda of the sweep is trained from scratch, then its neighbours outwards, each initialised from
+the nearest finished lambda of the same model shape (`train --init_from`) and trained for the
+preset's `warm_start_fraction` of the epochs: lambdas change the rate-distortion balance, not what
+the transforms must learn, so a neighbour's weights are most of the way there. With --shard, a job
+whose neighbour is not finished yet (on another machine) starts cold.
 """
 import argparse
 import json
@@ -45,11 +52,48 @@ def train_argv(preset, model, lmbda, overrides):
     if isinstance(value, dict):
       value = value[model]
     argv += [f"--{key}", str(value)]
-  model_flags = preset["models"][model]
+  return argv + model_flags(preset, model, lmbda)
+
+
+def model_flags(preset, model, lmbda):
+  flags = preset["models"][model]
   high = preset.get("high_rate")
   if high and lmbda >= high["from_lambda"] and model in high["models"]:
-    model_flags = high["models"][model]
-  return argv + list(model_flags)
+    flags = high["models"][model]
+  return list(flags)
+
+
+def warm_argv(argv, preset, model, source):
+  """`argv` of a job started from the model in `source`, for the preset's fraction of the epochs."""
+  epochs = preset["train"]["epochs"]
+  epochs = epochs[model] if isinstance(epochs, dict) else epochs
+  warm = max(1, round(epochs * preset.get("warm_start_fraction", 1.0)))
+  argv = list(argv)
+  argv[argv.index("--epochs") + 1] = str(warm)
+  return argv + ["--init_from", source]
+
+
+def warm_order(lambdas):
+  """The middle lambda first, then outwards, alternating above and below: every lambda after the
+  first has a finished neighbour to start from."""
+  ordered = sorted(lambdas)
+  middle = (len(ordered) - 1) // 2
+  out = [ordered[middle]]
+  for step in range(1, len(ordered)):
+    for i in (middle + step, middle - step):
+      if 0 <= i < len(ordered):
+        out.append(ordered[i])
+  return out
+
+
+def warm_source(models_dir, preset, model, lmbda, lambdas):
+  """The directory of the finished job of `model` nearest to `lmbda` (in log lambda) with the same
+  model flags, or None."""
+  import math
+  candidates = [(abs(math.log(other / lmbda)), other) for other in lambdas
+                if other != lmbda and model_flags(preset, model, other) == model_flags(preset, model, lmbda)
+                and is_finished(job_dir(models_dir, model, other))]
+  return job_dir(models_dir, model, min(candidates)[1]) if candidates else None
 
 
 def parse_shard(text):
@@ -62,18 +106,24 @@ def parse_shard(text):
   return index, count
 
 
-def jobs(models, lambdas, shard):
-  every = [(m, l) for m in models for l in lambdas]
+def jobs(models, lambdas, shard, warm=False):
+  every = [(m, l) for m in models for l in (warm_order(lambdas) if warm else lambdas)]
   index, count = shard
   return [job for i, job in enumerate(every) if i % count == index]
 
 
-def is_done(directory, argv):
+def is_finished(directory):
   import tensorflow as tf
-  marker = f"{directory}/{DONE}"
-  if not tf.io.gfile.exists(marker) or not tf.io.gfile.exists(f"{directory}/saved_model/saved_model.pb"):
+  return (tf.io.gfile.exists(f"{directory}/{DONE}")
+          and tf.io.gfile.exists(f"{directory}/saved_model/saved_model.pb"))
+
+
+def is_done(directory, argv):
+  """Finished, with these flags."""
+  import tensorflow as tf
+  if not is_finished(directory):
     return False
-  with tf.io.gfile.GFile(marker) as f:
+  with tf.io.gfile.GFile(f"{directory}/{DONE}") as f:
     return json.load(f).get("argv") == argv
 
 
@@ -96,6 +146,13 @@ def main(argv=None):
   parser.add_argument("--train_glob", help="with --dataset folder")
   parser.add_argument("--data_dir", help="with --dataset coco")
   parser.add_argument("--verbose", type=int, default=2, choices=(0, 1, 2), help="Keras verbosity of the jobs")
+  parser.add_argument("--figure6", action="store_true",
+                      help="then run experiments/figure6.py on the models and the built-in eval photos, "
+                      "writing into --output_dir")
+  parser.add_argument("--output_dir", help="with --figure6: where the results go (default: results/sweep-PRESET)")
+  parser.add_argument("--cold", action="store_true",
+                      help="train every lambda from scratch for all its epochs (the papers' protocol; "
+                      "default: warm start from the nearest finished lambda, see above)")
   args = parser.parse_args(argv)
   presets = load_presets()
   if args.preset not in presets:
@@ -111,7 +168,8 @@ def main(argv=None):
   models_dir = args.models_dir or os.path.join("models", f"sweep-{args.preset}")
   overrides = dict(dataset=args.dataset, train_glob=args.train_glob, data_dir=args.data_dir,
                    distribute=args.distribute, verbose=args.verbose)
-  todo = jobs(models, lambdas, args.shard)
+  warm = not args.cold and preset.get("warm_start_fraction") is not None
+  todo = jobs(models, lambdas, args.shard, warm)
   start = time.time()
   print(f"sweep {args.preset}: {len(todo)} jobs into {models_dir}", flush=True)
   for i, (model, lmbda) in enumerate(todo):
@@ -120,7 +178,14 @@ def main(argv=None):
     if is_done(directory, argv):
       print(f"[{i + 1}/{len(todo)}] {model} lambda {lmbda:g}: finished before, skipped", flush=True)
       continue
-    print(f"[{i + 1}/{len(todo)}] {model} lambda {lmbda:g}: training into {directory}", flush=True)
+    source = warm_source(models_dir, preset, model, lmbda, lambdas) if warm else None
+    if source:
+      argv = warm_argv(argv, preset, model, source)
+    if is_done(directory, argv):
+      print(f"[{i + 1}/{len(todo)}] {model} lambda {lmbda:g}: finished before, skipped", flush=True)
+      continue
+    start_from = f"from {source}, {argv[argv.index('--epochs') + 1]} epochs" if source else "from scratch"
+    print(f"[{i + 1}/{len(todo)}] {model} lambda {lmbda:g}: training {start_from} into {directory}", flush=True)
     job_start = time.time()
     result = subprocess.run([sys.executable, os.path.join(ROOT, f"{model}.py"), "train", *argv])
     if result.returncode:
@@ -130,7 +195,15 @@ def main(argv=None):
     seconds = time.time() - job_start
     mark_done(directory, argv, seconds)
     print(f"[{i + 1}/{len(todo)}] {model} lambda {lmbda:g}: done in {seconds:.0f} s", flush=True)
-  print(f"sweep {args.preset} finished in {time.time() - start:.0f} s ({(time.time() - start) / 60:.1f} min)")
+  print(f"sweep {args.preset} finished in {time.time() - start:.0f} s ({(time.time() - start) / 60:.1f} min)",
+        flush=True)
+  if args.figure6:
+    import figure6
+    output_dir = args.output_dir or os.path.join("results", f"sweep-{args.preset}")
+    status = figure6.main(["--models_dir", models_dir, "--output_dir", output_dir])
+    print(f"sweep and Figure 6 took {time.time() - start:.0f} s ({(time.time() - start) / 60:.1f} min) "
+          "in all", flush=True)
+    return status
   return 0
 
 

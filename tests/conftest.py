@@ -1,13 +1,15 @@
+import importlib
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from tools.fuzz import natural_image  # noqa: E402,F401  (one photo-like test image for tests and fuzzer)
 
 
 def run_script(script, *args, env=None, cwd=None):
@@ -15,17 +17,6 @@ def run_script(script, *args, env=None, cwd=None):
   full_env = dict(os.environ, **(env or {}))
   return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
                         capture_output=True, text=True, env=full_env, cwd=cwd, timeout=600)
-
-
-def natural_image(height, width, seed=0):
-  """A smooth, photo-like uint8 RGB test image (random noise would not compress like a photo)."""
-  rng = np.random.default_rng(seed)
-  yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-  image = np.stack([
-      128 + 60 * np.sin(xx / 7 + c) * np.cos(yy / 11 - c) + 30 * np.sin((xx + yy) / 17 * (c + 1))
-      for c in range(3)], axis=-1)
-  image += rng.normal(0, 4, image.shape)
-  return np.clip(image, 0, 255).astype(np.uint8)
 
 
 @pytest.fixture
@@ -39,3 +30,47 @@ def image_folder(tmp_path):
   Image.fromarray(natural_image(65, 130, 3)).save(folder / "c.png")
   Image.fromarray(natural_image(40, 90, 4)).save(folder / "small.png")
   return folder
+
+
+COMMON = ["--lambda", "0.01", "--patch_size", "64", "--batch_size", "4", "--steps_per_epoch", "12",
+          "--learning_rate", "1e-3", "--verbose", "0"]
+TINY = {
+    "bls2017": ["--num_filters", "16"],
+    "bmshj2018": ["--num_filters", "16", "--latent_depth", "24"],
+    "hcae": ["--levels", "6", "--num_filters", "16", "--latent_channels", "8"],
+}
+
+
+class Trained:
+  """A tiny model trained for 2 epochs, then resumed to 3 (as a rerun after an interruption),
+  which exports it."""
+
+  def __init__(self, name, workdir):
+    from PIL import Image
+    self.name, self.script, self.model_path = name, name + ".py", str(workdir / "model")
+    # Small validation images keep the per-epoch validation cheap.
+    for i in range(2):
+      Image.fromarray(natural_image(48 + 8 * i, 64, 10 + i)).save(workdir / f"val{i}.png")
+    self.val_glob = str(workdir / "val*.png")
+    self.module = importlib.import_module(name)
+    self.first = self._train(2, export=False)  # as if interrupted: no SavedModel yet
+    self.resumed = self._train(3)
+
+  def _train(self, epochs, export=True):
+    from utils import cli, training
+    parser, model_flags = cli.build_parser(self.name, self.module.add_model_flags)
+    args = parser.parse_args(["train", *COMMON, *TINY[self.name], "--epochs", str(epochs),
+                              "--eval_glob", self.val_glob, "--model_path", self.model_path])
+    config = cli.model_config(self.name, args, model_flags)
+    return training.train(self.module.build_model, args, config, export=export)
+
+  def main(self, *argv):
+    from utils import cli
+    return cli.main(self.name, self.module.build_model, self.module.add_model_flags, list(argv))
+
+
+# Session-wide: training and exporting are the expensive part of the tests, so every test module
+# shares these three models (pytest runs the tests of one model, then of the next).
+@pytest.fixture(scope="session", params=sorted(TINY))
+def trained(request, tmp_path_factory):
+  return Trained(request.param, tmp_path_factory.mktemp(request.param))

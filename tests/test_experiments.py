@@ -35,6 +35,25 @@ def test_shards_partition_the_jobs():
     sweep.parse_shard("4/4")
 
 
+def test_warm_order_starts_in_the_middle_and_goes_outwards():
+  assert sweep.warm_order([0.05, 0.004, 0.19, 0.015]) == [0.015, 0.05, 0.004, 0.19]
+  lambdas = [0.0006, 0.001, 0.004, 0.015, 0.05, 0.19, 0.65, 2.29, 8.02]
+  order = sweep.warm_order(lambdas)
+  assert order[0] == 0.05 and sorted(order) == lambdas
+  # Every lambda after the first is next to one trained before it.
+  for i, lmbda in enumerate(order[1:], 1):
+    k = lambdas.index(lmbda)
+    assert {lambdas[j] for j in (k - 1, k + 1) if 0 <= j < len(lambdas)} & set(order[:i])
+
+
+def test_warm_jobs_train_a_fraction_of_the_epochs_from_their_neighbour():
+  preset = sweep.load_presets()["cpu"]
+  argv = sweep.train_argv(preset, "bls2017", 0.05, {})
+  warm = sweep.warm_argv(argv, preset, "bls2017", "models/x/bls2017-lambda0.015")
+  assert warm[warm.index("--epochs") + 1] == str(round(20 * preset["warm_start_fraction"]))
+  assert warm[-2:] == ["--init_from", "models/x/bls2017-lambda0.015"]
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
   """A smoke sweep of bls2017 at two lambdas, run twice (the second run must skip both)."""
@@ -56,6 +75,9 @@ def test_sweep_trains_every_pair_then_skips_them(swept):
   for d in os.listdir(models):
     assert os.path.exists(models / d / "saved_model" / "saved_model.pb")
   assert second.returncode == 0 and second.stdout.count("finished before, skipped") == 2
+  # Warm start: the middle lambda from scratch, its neighbour from it.
+  assert "lambda 0.004: training from scratch" in first.stdout
+  assert f"lambda 0.05: training from {models / 'bls2017-lambda0.004'}" in first.stdout
 
 
 def test_figure6_from_the_sweep(swept, capsys):

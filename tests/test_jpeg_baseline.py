@@ -137,7 +137,7 @@ def _repack(encoded, strings):
 
 
 def test_crafted_payloads_with_valid_checksums_are_bitstream_errors():
-  """Damage inside the strings, re-framed with a correct CRC: an error or a picture, nothing else."""
+  """Damage inside the strings, re-framed (without the key): an error or a picture, nothing else."""
   rng = np.random.default_rng(0)
   image = natural_image(24, 40, 11)
   raised = 0

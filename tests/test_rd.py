@@ -78,3 +78,14 @@ def test_bd_rate_of_ten_percent_fewer_bits_is_minus_ten():
   assert rd.bd_rate(anchor, anchor) == pytest.approx(0.0, abs=1e-9)
   cheaper = [(0.9 * bpp, psnr) for bpp, psnr in anchor]
   assert rd.bd_rate(anchor, cheaper) == pytest.approx(-10.0, abs=1e-6)
+
+
+def test_rate_and_quality_at_a_point_of_another_curve():
+  anchor = [(0.25, 28.0), (0.5, 31.0), (1.0, 34.0), (2.0, 37.0)]
+  # On the anchor's own points, its own values.
+  assert rd.rate_at_quality(anchor, 31.0) == pytest.approx(0.5)
+  assert rd.quality_at_rate(anchor, 1.0) == pytest.approx(34.0)
+  # Between points: log-rate is linear in quality here, so the middle is the geometric mean.
+  assert rd.rate_at_quality(anchor, 32.5) == pytest.approx(math.sqrt(0.5 * 1.0), rel=1e-6)
+  # Outside the curve: no extrapolation.
+  assert math.isnan(rd.rate_at_quality(anchor, 40.0)) and math.isnan(rd.quality_at_rate(anchor, 0.1))

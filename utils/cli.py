@@ -5,12 +5,13 @@ are added by `add_model_flags` to `train` and recorded with the model.
 """
 import argparse
 import logging
+import math
 import os
 import sys
 import tempfile
 import time
 
-from utils.errors import UserError
+from utils.errors import DecodeTimeout, Interrupted, UserError
 
 DEFAULT_EXT = ".lic"
 
@@ -22,9 +23,11 @@ def build_parser(name, add_model_flags):
       "evaluate it on a set of images.")
   sub = parser.add_subparsers(dest="command", required=True, metavar="{train,compress,decompress,evaluate}")
 
-  def add_model_path(p):
+  def add_shared_flags(p):
     p.add_argument("--model_path", default=os.path.join("models", name),
                    help="directory of the trained model (default: %(default)s)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="enable TensorFlow's op determinism (for GPUs; see README: exact decoding)")
 
   train = sub.add_parser("train", help="train a model (resumes an interrupted run in --model_path)",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -37,7 +40,24 @@ def build_parser(name, add_model_flags):
   train.add_argument("--epochs", type=int, default=1000, help="epochs to train in all (a resumed run counts "
                      "the epochs already done)")
   train.add_argument("--steps_per_epoch", type=int, default=1000, help="training steps per epoch")
-  train.add_argument("--learning_rate", type=float, default=1e-4, help="Adam learning rate")
+  recipe = train.add_argument_group("training recipe (README: training recipe)")
+  recipe.add_argument("--learning_rate", type=float, default=1e-3,
+                      help="Adam learning rate: the peak of the cosine schedule, or the constant rate")
+  recipe.add_argument("--lr_schedule", choices=("cosine", "constant"), default="cosine",
+                      help="cosine: linear warm-up, then cosine decay to --final_learning_rate at the "
+                      "last step; constant: --learning_rate throughout (the papers' 1e-4)")
+  recipe.add_argument("--warmup_steps", type=int, default=200, help="steps of the linear warm-up")
+  recipe.add_argument("--final_learning_rate", type=float, default=1e-5,
+                      help="learning rate at the last step of the cosine schedule")
+  recipe.add_argument("--clipnorm", type=float, default=1.0,
+                      help="clip the gradients to this global norm (0: no clipping)")
+  recipe.add_argument("--quantization", choices=("ste", "noise"), default="ste",
+                      help="what the synthesis sees in training: ste = rounded latents with a "
+                      "straight-through gradient, noise = additive uniform noise (the papers); the rate "
+                      "term uses noise either way")
+  recipe.add_argument("--init_from", metavar="MODEL_DIR",
+                      help="start from the weights of this trained model (same codec and shape, any "
+                      "lambda): the warm start of a lambda sweep; ignored when resuming")
   train.add_argument("--dataset", choices=("builtin", "folder", "coco"), default="builtin",
                      help="training images: photos shipped in installed packages, a --train_glob, "
                      "or tensorflow-datasets coco/2017")
@@ -47,52 +67,49 @@ def build_parser(name, add_model_flags):
   train.add_argument("--distribute", choices=("auto", "mirrored", "multiworker"), default="auto",
                      help="tf.distribute strategy: auto (several GPUs -> mirrored), mirrored (all local "
                      "GPUs, or logical CPUs), multiworker (MultiWorkerMirroredStrategy via TF_CONFIG)")
+  train.add_argument("--backup_steps", type=int, default=100,
+                     help="save a resumable checkpoint every this many steps, and at every epoch end "
+                     "(a killed run loses at most this many steps)")
+  train.add_argument("--seed", type=int, default=0, help="with --deterministic: the seed of every "
+                     "random choice (initial weights, crops, noise)")
   train.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
                      help="Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch")
-  add_model_path(train)
+  add_shared_flags(train)
 
   comp = sub.add_parser("compress", help="compress an image into a file")
   comp.add_argument("input", help="image file (PNG, JPEG, ...)")
   comp.add_argument("output", nargs="?", help=f"compressed file (default: INPUT{DEFAULT_EXT})")
   comp.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-  add_model_path(comp)
+  add_shared_flags(comp)
 
   decomp = sub.add_parser("decompress", help="decompress a file into a PNG image")
   decomp.add_argument("input", help="compressed file")
   decomp.add_argument("output", nargs="?", help="PNG image (default: INPUT.png)")
   decomp.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-  add_model_path(decomp)
+  add_shared_flags(decomp)
 
   ev = sub.add_parser("evaluate", help="compress and decode every evaluation image through real files, "
                       "write RD points (CSV)")
   ev.add_argument("--eval_glob", help="images to evaluate (default: the built-in eval photos)")
   ev.add_argument("--output", help="CSV of RD points (default: results/<model directory name>.csv)")
   ev.add_argument("--files_dir", help="keep the compressed files here (default: a temporary directory)")
-  add_model_path(ev)
+  add_shared_flags(ev)
   return parser, [a.dest for a in model_flags._group_actions]
 
 
 def check_output(path, overwrite):
-  import tensorflow as tf
-  if tf.io.gfile.exists(path) and not overwrite:
-    raise UserError(f"{path} exists; pass --overwrite to replace it")
+  from utils import files
+  files.check_output(path, overwrite)
 
 
 def write_bytes(path, data):
-  import tensorflow as tf
-  try:
-    with tf.io.gfile.GFile(path, "wb") as f:
-      f.write(data)
-  except (OSError, tf.errors.OpError) as e:
-    raise UserError(f"cannot write {path}: {e}") from None
+  from utils import files
+  files.write_bytes(path, data)
 
 
 def read_bytes(path):
-  import tensorflow as tf
-  if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
-    raise UserError(f"no such file: {path}")
-  with tf.io.gfile.GFile(path, "rb") as f:
-    return f.read()
+  from utils import files
+  return files.read_bytes(path)
 
 
 def code_image(model, image, path):
@@ -188,18 +205,32 @@ def model_config(name, args, model_flags):
   return config
 
 
-def _train(args, name, build_model, model_flags):
-  from utils import training
-  if args.lmbda <= 0:
-    raise UserError(f"--lambda must be positive, not {args.lmbda}")
-  for flag in ("patch_size", "batch_size", "epochs", "steps_per_epoch"):
+def check_train_flags(args, model_flags):
+  """Refuses flags that make no sense, before any work (and before the model directory is made)."""
+  for flag, value in (("lambda", args.lmbda), ("learning_rate", args.learning_rate)):
+    if not (math.isfinite(value) and value > 0):
+      raise UserError(f"--{flag} must be positive and finite, not {value}")
+  if args.lr_schedule == "cosine" and not (
+      math.isfinite(args.final_learning_rate) and 0 < args.final_learning_rate <= args.learning_rate):
+    raise UserError(f"--final_learning_rate must be in (0, --learning_rate], not {args.final_learning_rate}")
+  if not (math.isfinite(args.clipnorm) and args.clipnorm >= 0):
+    raise UserError(f"--clipnorm must be 0 (off) or positive, not {args.clipnorm}")
+  if args.warmup_steps < 0:
+    raise UserError(f"--warmup_steps must be 0 or more, not {args.warmup_steps}")
+  int_flags = ["patch_size", "batch_size", "epochs", "steps_per_epoch", "backup_steps"]
+  int_flags += [k for k in model_flags if isinstance(getattr(args, k), int)]
+  for flag in int_flags:
     if getattr(args, flag) <= 0:
       raise UserError(f"--{flag} must be positive, not {getattr(args, flag)}")
-  if args.learning_rate <= 0:
-    raise UserError(f"--learning_rate must be positive, not {args.learning_rate}")
+
+
+def _train(args, name, build_model, model_flags):
+  from utils import training
+  check_train_flags(args, model_flags)
   start = time.time()
-  training.train(build_model, args, model_config(name, args, model_flags))
-  print(f"trained {name} in {time.time() - start:.0f} s; model in {args.model_path}")
+  history = training.train(build_model, args, model_config(name, args, model_flags))
+  steps = int(history.model.optimizer.iterations.numpy())
+  print(f"trained {name} in {time.time() - start:.0f} s ({steps} steps in all); model in {args.model_path}")
 
 
 def main(name, build_model, add_model_flags, argv=None):
@@ -210,16 +241,32 @@ def main(name, build_model, add_model_flags, argv=None):
   logging.getLogger("tensorflow").setLevel(logging.WARNING)
   # tensorflow-compression warns each time validation traces the offset heuristic; it is expected.
   logging.getLogger("absl").addFilter(lambda r: "offset heuristic" not in r.getMessage())
+  commands = {"train": lambda: _train(args, name, build_model, model_flags),
+              "compress": lambda: _compress(args, name), "decompress": lambda: _decompress(args, name),
+              "evaluate": lambda: _evaluate(args, name)}
+  if args.deterministic and args.command != "train":  # train sets it up after its strategy
+    from utils.model import enable_determinism
+    enable_determinism()
+  return run_reporting_errors(commands[args.command])
+
+
+def run_reporting_errors(command):
+  """Runs command(); returns the exit status, every failure reported in one line on stderr:
+  0 done, 2 `error: ...` (bad input, file, flag; out of memory), 128 + N `stopped: ...` (training
+  interrupted by signal N after saving a checkpoint)."""
   try:
-    if args.command == "train":
-      _train(args, name, build_model, model_flags)
-    elif args.command == "compress":
-      _compress(args, name)
-    elif args.command == "decompress":
-      _decompress(args, name)
-    else:
-      _evaluate(args, name)
+    command()
+  except DecodeTimeout as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    # The decoding thread cannot be stopped, and would hold the interpreter's exit: leave now.
+    os._exit(2)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except MemoryError:
+    print("error: out of memory", file=sys.stderr)
+    return 2
+  except Interrupted as e:
+    print(f"stopped: {e}", file=sys.stderr)
+    return e.exit_status
   return 0

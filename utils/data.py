@@ -6,19 +6,25 @@ Sources:
   folder   any glob of JPEG/PNG files (COCO's train2017/*.jpg, Kodak, your own photos);
   coco     tensorflow-datasets' coco/2017 under --data_dir.
 """
+import io
 import logging
 import os
+import warnings
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from utils import bitstream
 from utils.errors import UserError
+from utils.files import read_bytes, write_bytes
 
 log = logging.getLogger("utils.data")
 
 SOURCES = ("builtin", "folder", "coco")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# What the training pipeline's decoder (tf.io.decode_image) reads; other formats are evaluated only.
+TRAIN_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 # The colour photographs in skimage/data and matplotlib's sample data. Grayscale ones (camera, moon,
 # coins, ...) and synthetic ones (chessboard, logo, ...) are left out: they would teach a colour codec
@@ -71,28 +77,101 @@ def image_size(path):
       return im.height, im.width
 
 
-def read_image(path):
-  """Decodes any Pillow-readable image to uint8 HxWx3 RGB (EXIF orientation applied)."""
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def read_image(path, max_pixels=bitstream.MAX_PIXELS):
+  """Decodes any Pillow-readable image to uint8 HxWx3 RGB.
+
+  EXIF orientation is applied; 16-bit grayscale is scaled to 8 bits (16-bit colour keeps the high
+  byte, as Pillow reads it); palette, grayscale and CMYK images are converted; an alpha channel is
+  dropped with a warning. A directory, a file that is not an image, and an image of more than
+  `max_pixels` pixels are refused with a UserError before any pixel is decoded.
+  """
+  # In memory: Pillow probes formats with reads past the end, which a GFile turns into errors.
+  encoded = read_bytes(path)
+  if not encoded:
+    raise UserError(f"cannot read image {path}: the file is empty")
   try:
-    with tf.io.gfile.GFile(path, "rb") as f:
-      with Image.open(f) as im:
-        im = ImageOps.exif_transpose(im)
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
-  except (OSError, ValueError, tf.errors.OpError) as e:
-    raise UserError(f"cannot read image {path}: {e}") from None
+    with warnings.catch_warnings():
+      # The size limit below replaces Pillow's decompression-bomb warning.
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      with Image.open(io.BytesIO(encoded)) as im:
+        _check_pixels(path, im.width, im.height, max_pixels)
+        im.load()
+        return _to_rgb(_upright(im, path), path)
+  except UserError:
+    raise
+  except UnidentifiedImageError:
+    raise UserError(f"cannot read image {path}: not an image in a format Pillow reads") from None
+  except Image.DecompressionBombError:
+    raise UserError(f"cannot read image {path}: it has more than {2 * Image.MAX_IMAGE_PIXELS} "
+                    f"pixels; images of at most {max_pixels} pixels are coded") from None
+  except Exception as e:  # noqa: BLE001  Pillow's decoders raise many types on damaged files
+    raise UserError(f"cannot read image {path}: {_reason(e)}") from None
+
+
+def _check_pixels(path, width, height, max_pixels):
+  if width * height > max_pixels or max(width, height) > bitstream.MAX_SIDE:
+    raise UserError(f"{path} is {width}x{height} pixels; images of at most {max_pixels} pixels "
+                    f"({bitstream.MAX_SIDE} a side) are coded: crop or downscale it")
+
+
+def _upright(im, path):
+  """The image turned as its EXIF orientation says; unreadable EXIF data is ignored with a warning."""
+  try:
+    return ImageOps.exif_transpose(im)
+  except Exception as e:  # noqa: BLE001  any damage in the EXIF block
+    log.warning("%s: EXIF orientation unreadable (%s); the image is coded as stored", path, _reason(e))
+    return im
+
+
+def _to_rgb(im, path):
+  if im.mode in SIXTEEN_BIT_MODES:
+    # Converting to RGB would clip values above 255 instead of scaling them.
+    samples = np.clip(np.asarray(im, dtype=np.int64), 0, 65535)
+    gray = ((samples * 255 + 32767) // 65535).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
+  if im.mode in ALPHA_MODES or "transparency" in im.info:
+    log.warning("%s: the alpha channel is dropped (transparent areas are coded with the colour they "
+                "hold)", path)
+  return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def _reason(e):
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def write_png(path, image):
-  with tf.io.gfile.GFile(path, "wb") as f:
-    Image.fromarray(np.asarray(image, np.uint8)).save(f, format="PNG")
+  buffer = io.BytesIO()
+  Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
+  write_bytes(path, buffer.getvalue())
+
+
+def _readable_size(path):
+  """(height, width), or None for a file that is not an image the training pipeline can decode."""
+  if not path.lower().endswith(TRAIN_EXTENSIONS):
+    return None
+  try:
+    return image_size(path)
+  except Exception:  # noqa: BLE001  Pillow raises many types on damaged files
+    return None
 
 
 def keep_large_enough(paths, patch_size):
-  """Drops images smaller than the patch in either side, logging how many were dropped."""
-  kept = [p for p in paths if min(image_size(p)) >= patch_size]
-  if len(kept) < len(paths):
+  """Drops images smaller than the patch in either side (and files that cannot be decoded for
+  training), logging how many were dropped."""
+  sizes = [_readable_size(p) for p in paths]
+  unreadable = sizes.count(None)
+  if unreadable:
+    log.warning("skipped %d of %d files that are not PNG, JPEG, BMP or GIF images, or are damaged",
+                unreadable, len(paths))
+  kept = [p for p, size in zip(paths, sizes) if size and min(size) >= patch_size]
+  if len(kept) < len(paths) - unreadable:
     log.warning("skipped %d of %d images smaller than the %d-pixel patch",
-                len(paths) - len(kept), len(paths), patch_size)
+                len(paths) - unreadable - len(kept), len(paths), patch_size)
   if not kept:
     raise UserError(f"no training image is at least {patch_size}x{patch_size} pixels; "
                     "use a smaller --patch_size")
@@ -148,6 +227,8 @@ def train_dataset(dataset="builtin", patch_size=256, batch_size=8, train_glob=No
     else:
       images = files.repeat().shuffle(min(len(paths), 10000), seed=seed).map(
           _decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+      # A file damaged past its header would otherwise stop a long run at a random step.
+      images = images.apply(tf.data.experimental.ignore_errors(log_warning=True))
 
   def crop(image):
     patch = tf.image.random_crop(image, (patch_size, patch_size, 3), seed=seed)

@@ -11,6 +11,7 @@ code order, as a JPEG DHT segment) followed by the bits, zero-padded to a byte. 
 field, so damaged or crafted segments raise BitstreamError, never another exception.
 Encoding is vectorised with numpy; decoding is a tight Python loop over a 16-bit lookup table.
 """
+import array
 import heapq
 
 import numpy as np
@@ -201,7 +202,7 @@ def decode_values(data, count, what="segment"):
   lut = code.lookup()
   bits = _Bits(data[start:])
   windows, size = bits.windows, bits.size
-  out = []
+  out = array.array("q")  # packed tokens, 8 bytes each (a list of ints takes 40)
   pos = 0
   for _ in range(count):
     if pos >= size:
@@ -214,7 +215,7 @@ def decode_values(data, count, what="segment"):
     out.append(cat << 15 | (w >> (32 - n - cat)) & ((1 << cat) - 1))
     pos += n + cat
   bits.check_end(pos, what)
-  packed = np.array(out, np.int64)
+  packed = np.frombuffer(out, np.int64)
   return from_vli(packed >> 15, packed & 0x7FFF)
 
 
@@ -258,7 +259,7 @@ def decode_runs(data, n, m, what="segment"):
   lut = code.lookup()
   bits = _Bits(data[start:])
   windows, size = bits.windows, bits.size
-  out = []
+  out = array.array("q")  # packed tokens, 8 bytes each (a list of ints takes 40)
   pos = row = k = 0
   while row < n:
     if pos >= size:
@@ -287,8 +288,8 @@ def decode_runs(data, n, m, what="segment"):
       pos += length
       row, k = row + 1, 0
   bits.check_end(pos, what)
-  packed = np.array(out, np.int64)
-  rows = np.zeros(n * m, np.int64)
+  packed = np.frombuffer(out, np.int64)
+  rows = np.zeros(n * m, np.int16)  # |values| < 2**15: a quarter of the memory of int64
   if packed.size:
     rows[packed >> 19] = from_vli((packed >> 15) & 15, packed & 0x7FFF)
   return rows.reshape(n, m)

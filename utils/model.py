@@ -6,9 +6,34 @@ A model script subclasses CompressionModel and supplies only its paper's parts:
   forward(x, training)             padded image -> (reconstruction, [bits per example, per latent])
   build_coding_tables()            after training: the entropy models with range-coding tables
   encode(x)                        padded image -> ([string tensor (1,)], [estimated bits (1,)])
-  decode(strings, padded_shape)    the strings and the padded image's (h, w) -> reconstruction
+  decode(strings, padded_shape)    the strings and the padded image's (h, w) -> the float64 input of
+                                   `synthesis64` (entropy decoding and exact networks only)
+  synthesis64                      the float64 twin of the synthesis, upsampling 16x (SYNTHESIS_FACTOR)
 """
 import tensorflow as tf
+
+SYNTHESIS_FACTOR = 16
+# Decoders run the synthesis in tiles of TILE x TILE latents (512 x 512 pixels), so its float64
+# activations do not grow with the image: a transposed convolution's working buffer alone takes
+# k*k*filters*8 bytes per input position, about 1.7 GB for a 1024 x 1024 image at 128 filters.
+# Tiles with their halo keep decoding under about 1 GB there (and faster, the buffers fitting
+# caches better), at 27 % more arithmetic. An image that fits one tile is synthesized whole.
+TILE = 32
+# Latents of context a tile needs on each side. Transposed 'same' convolutions align their output
+# grid the same way for any input size, and the syntheses here (5x5 or 9x9 kernels, strides 2 and
+# 4) reach 2 latents up/left and 1 down/right of a pixel; tests/test_hardening.py checks it.
+HALO = 2
+
+
+def enable_determinism(seed=0):
+  """TensorFlow's op determinism, and every random seed (Python, NumPy, TensorFlow) set to `seed`.
+
+  On a CPU the coding functions are deterministic without it; on a GPU it keeps cuDNN from picking
+  kernels (and summation orders) at run time, so compressing twice gives the same bytes there too,
+  and training twice from the same seed gives the same weights.
+  """
+  tf.keras.utils.set_random_seed(seed)
+  tf.config.experimental.enable_op_determinism()
 
 
 def pad_to_multiple(x, multiple):
@@ -41,6 +66,32 @@ def to_uint8(x):
   return tf.saturate_cast(tf.round(x), tf.uint8)
 
 
+def tiled_synthesis(synthesis, latents, factor=SYNTHESIS_FACTOR, tile=TILE, halo=HALO):
+  """The uint8 (H, W, 3) image `synthesis` makes of (1, h, w, C) latents, computed tile by tile.
+
+  Each tile is synthesized with `halo` latents of context on every side and cropped back, which
+  gives the values of the whole synthesis (up to float summation order, ~1e-13 in float64); the
+  tiling depends only on the latents' size, so every decoder of a file computes the same tiles.
+  """
+  height, width = tf.shape(latents)[1], tf.shape(latents)[2]
+  rows = tf.TensorArray(tf.uint8, size=0, dynamic_size=True, infer_shape=False)
+  for top in tf.range(0, height, tile):
+    bottom = tf.minimum(top + tile, height)
+    top0 = tf.maximum(top - halo, 0)
+    row = tf.TensorArray(tf.uint8, size=0, dynamic_size=True, infer_shape=False)
+    for left in tf.range(0, width, tile):
+      right = tf.minimum(left + tile, width)
+      left0 = tf.maximum(left - halo, 0)
+      x = synthesis(latents[:, top0:tf.minimum(bottom + halo, height),
+                            left0:tf.minimum(right + halo, width)])
+      x = x[0, (top - top0) * factor:(bottom - top0) * factor,
+            (left - left0) * factor:(right - left0) * factor]
+      # A TensorArray concatenates along the first axis: the columns of a row go through a transpose.
+      row = row.write(row.size(), tf.transpose(to_uint8(x), [1, 0, 2]))
+    rows = rows.write(rows.size(), tf.transpose(row.concat(), [1, 0, 2]))
+  return rows.concat()
+
+
 class CompressionModel(tf.keras.Model):
   """Base of the codec models: `call` returns the loss terms for images in 0..255."""
 
@@ -48,6 +99,10 @@ class CompressionModel(tf.keras.Model):
   DOWNSAMPLING = None
   STRING_NAMES = ("y",)  # what each coded string holds, in file order
   GLOBAL_CLIPNORM = None  # clip the global gradient norm in training (None: no clipping)
+  # What the synthesis sees in training (set from --quantization): "ste", the rounded latents the
+  # decoder will see with the gradient passed straight through (as later tensorflow-compression
+  # models do), or "noise", the papers' additive uniform noise. The rate term uses noise either way.
+  quantization = "ste"
 
   def __init__(self, lmbda, **kwargs):
     super().__init__(**kwargs)
@@ -58,6 +113,13 @@ class CompressionModel(tf.keras.Model):
 
   def forward(self, x, training):
     raise NotImplementedError
+
+  def synthesis_input(self, noisy, latents, rounded, training):
+    """The latents the synthesis gets: `noisy` (what the entropy model returned: noisy in
+    training, rounded otherwise), or in training with "ste" `rounded` with the gradient of `latents`."""
+    if training and self.quantization == "ste":
+      return latents + tf.stop_gradient(rounded - latents)
+    return noisy
 
   def call(self, x, training=False):
     """Rate-distortion terms for a (B, H, W, 3) batch in 0..255; any H, W."""
@@ -125,7 +187,22 @@ class CompressionModel(tf.keras.Model):
 
   @tf.function(input_signature=[tf.TensorSpec((None,), tf.string), tf.TensorSpec((2,), tf.int32)])
   def decompress(self, strings, image_shape):
-    """(strings, [height, width]) -> uint8 HxWx3 image."""
+    """(strings, [height, width]) -> uint8 HxWx3 image (utils.codec checks the file first, then
+    runs the two halves below, the first under a time limit)."""
+    return self.synthesize(self.decode_latents(strings, image_shape), image_shape)
+
+  @tf.function(input_signature=[tf.TensorSpec((None,), tf.string), tf.TensorSpec((2,), tf.int32)])
+  def decode_latents(self, strings, image_shape):
+    """(strings, [height, width]) -> the float64 latents that `synthesize` turns into the image."""
     padded_shape = -(-image_shape // self.DOWNSAMPLING) * self.DOWNSAMPLING
-    x_hat = self.decode(strings, padded_shape)
-    return to_uint8(x_hat[0, :image_shape[0], :image_shape[1], :])
+    return self.decode(strings, padded_shape)
+
+  def synthesize(self, latents, image_shape):
+    """(latents, [height, width]) -> uint8 HxWx3 image, in tiles of bounded memory."""
+    return tiled_synthesis(self.synthesis64, latents)[:image_shape[0], :image_shape[1], :]
+
+  def synthesize_function(self):
+    """`synthesize` as a tf.function with a fixed signature, for the SavedModel."""
+    channels = self.synthesis64.input_shape[-1]
+    return tf.function(self.synthesize, input_signature=[
+        tf.TensorSpec((1, None, None, channels), tf.float64), tf.TensorSpec((2,), tf.int32)])

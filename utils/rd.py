@@ -117,3 +117,23 @@ def bd_psnr(anchor, test, metric="psnr"):
   anchor_rate, anchor_quality = _points(anchor, metric)
   test_rate, test_quality = _points(test, metric)
   return _mean_gap(np.log(anchor_rate), anchor_quality, np.log(test_rate), test_quality)
+
+
+def rate_at_quality(curve, quality, metric="psnr"):
+  """The bpp `curve` needs for `quality`: log-rate PCHIP-interpolated as a function of quality
+  (NaN outside the curve's range). With one point of another codec, rate_at_quality(anchor, q)
+  against its bpp is Bjontegaard's delta rate over a range of zero width."""
+  from scipy.interpolate import PchipInterpolator
+  rate, value = _points(curve, metric)
+  if not value[0] <= quality <= value[-1]:
+    return math.nan
+  return float(math.exp(PchipInterpolator(value, np.log(rate))(quality)))
+
+
+def quality_at_rate(curve, bpp, metric="psnr"):
+  """The quality `curve` reaches at `bpp` (PCHIP in log-rate; NaN outside the curve's range)."""
+  from scipy.interpolate import PchipInterpolator
+  rate, value = _points(curve, metric)
+  if not rate[0] <= bpp <= rate[-1]:
+    return math.nan
+  return float(PchipInterpolator(np.log(rate), value)(math.log(bpp)))

@@ -1,14 +1,18 @@
 """Training shared by every codec: Keras compile/fit with validation, TensorBoard, NaN guard,
 checkpoints that resume, a tf.distribute scope, and export of the coding SavedModel at the end."""
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
+import threading
 
 import tensorflow as tf
 
 from utils import codec, data
-from utils.errors import UserError
+from utils.errors import Interrupted, UserError
+from utils.model import enable_determinism
 
 log = logging.getLogger("utils.training")
 
@@ -35,6 +39,19 @@ def make_strategy(kind="auto"):
   return tf.distribute.get_strategy()
 
 
+def check_warm_start(source_dir, model_config):
+  """--init_from needs a model of the same codec and shape (any lambda)."""
+  path = os.path.join(source_dir, CONFIG)
+  if not tf.io.gfile.exists(path):
+    raise UserError(f"--init_from {source_dir}: not a model directory (no {CONFIG})")
+  with tf.io.gfile.GFile(path) as f:
+    source = json.load(f)
+  mine = {k: v for k, v in model_config.items() if k != "lambda"}
+  theirs = {k: v for k, v in source.items() if k != "lambda"}
+  if mine != theirs:
+    raise UserError(f"--init_from {source_dir}: that model has another shape ({theirs}, not {mine})")
+
+
 def check_model_dir(model_dir, model_config):
   """Refuses to resume a run whose model differs; records the model's config for the next run."""
   path = os.path.join(model_dir, CONFIG)
@@ -46,9 +63,87 @@ def check_model_dir(model_dir, model_config):
                        for k in sorted(set(old) | set(model_config)) if old.get(k) != model_config.get(k))
       raise UserError(f"{model_dir} holds a different model ({diff}); "
                       "pass another --model_path or delete that directory")
-  tf.io.gfile.makedirs(model_dir)
-  with tf.io.gfile.GFile(path, "w") as f:
-    json.dump(model_config, f, indent=1, sort_keys=True)
+  try:
+    tf.io.gfile.makedirs(model_dir)
+    with tf.io.gfile.GFile(path, "w") as f:
+      json.dump(model_config, f, indent=1, sort_keys=True)
+  except (OSError, tf.errors.OpError) as e:
+    raise UserError(f"cannot write to the model directory {model_dir}: "
+                    f"{getattr(e, 'message', None) or e}") from None
+
+
+class WarmupCosine(tf.keras.optimizers.schedules.LearningRateSchedule):
+  """Linear warm-up from 0 to `peak` over `warmup` steps, then cosine decay to `final` at `total`.
+
+  A function of the optimizer's step count alone, so a resumed run continues on the same curve.
+  """
+
+  def __init__(self, peak, total, warmup=200, final=1e-5):
+    self.peak, self.total, self.final = float(peak), int(total), float(final)
+    self.warmup = int(min(warmup, max(self.total // 2, 1)))  # short runs still decay
+
+  def __call__(self, step):
+    step = tf.cast(step, tf.float32)
+    warm = self.peak * (step + 1) / max(self.warmup, 1)
+    progress = tf.clip_by_value((step - self.warmup) / max(self.total - self.warmup, 1), 0.0, 1.0)
+    decay = self.final + 0.5 * (self.peak - self.final) * (1 + tf.cos(math.pi * progress))
+    return tf.where(step < self.warmup, warm, decay)
+
+  def get_config(self):
+    return dict(peak=self.peak, total=self.total, warmup=self.warmup, final=self.final)
+
+
+def make_optimizer(args, total_steps, model=None):
+  """Adam under the training recipe of args (see README: training recipe).
+
+  cosine (default): warm-up to --learning_rate, cosine decay to --final_learning_rate over the
+  run's steps. On 2 CPU cores it reaches in 15 minutes what a constant 1e-4 does not reach in an
+  hour (benchmarks/convergence.py). constant: --learning_rate throughout (the papers' recipe).
+  Gradients are clipped to a global norm of --clipnorm (0: no clipping; a model may ask for it).
+  """
+  if getattr(args, "lr_schedule", "cosine") == "cosine":
+    rate = WarmupCosine(args.learning_rate, total_steps, getattr(args, "warmup_steps", 200),
+                        getattr(args, "final_learning_rate", 1e-5))
+  else:
+    rate = args.learning_rate
+  clipnorm = getattr(args, "clipnorm", 0) or getattr(model, "GLOBAL_CLIPNORM", None) or None
+  return tf.keras.optimizers.Adam(learning_rate=rate, global_clipnorm=clipnorm)
+
+
+def restore_weights(model, source_dir, build):
+  """Initialises `model` from the last checkpoint in `source_dir` (a trained model directory): the
+  warm start of a lambda sweep. Weights only: the optimizer and its step count start afresh, so the
+  learning-rate schedule runs its whole course again.
+
+  The checkpoint is read into a separate model made by `build()` and copied over: restoring into
+  `model` itself would also restore its optimizer (the checkpoint tracks it through the model).
+  """
+  latest = _latest_checkpoint(source_dir)
+  if latest is None:
+    raise UserError(f"--init_from {source_dir}: no checkpoint there (train that model first)")
+  source = build()
+  tf.train.Checkpoint(model=source).restore(latest).expect_partial()
+  mine, theirs = model.coding_variables(), source.coding_variables()
+  if [v.shape for v in mine] != [v.shape for v in theirs]:
+    raise UserError(f"--init_from {source_dir}: its variables do not fit this model")
+  for dst, src in zip(mine, theirs):
+    dst.assign(src)
+  log.info("initialised from %s", latest)
+
+
+def _latest_checkpoint(model_dir):
+  """The newest BackupAndRestore checkpoint of a model directory, or None."""
+  # Keras keeps the chief worker's checkpoints in backup/chief.
+  for directory in (os.path.join(model_dir, BACKUP, "chief"), os.path.join(model_dir, BACKUP)):
+    if tf.io.gfile.exists(directory):
+      latest = tf.train.latest_checkpoint(directory)
+      if latest:
+        return latest
+  return None
+
+
+def _has_checkpoint(model_dir):
+  return _latest_checkpoint(model_dir) is not None
 
 
 class _NaNLoss(Exception):
@@ -58,8 +153,8 @@ class _NaNLoss(Exception):
 class _StopOnNaN(tf.keras.callbacks.Callback):
   """Aborts fit at the first NaN/inf loss.
 
-  Raising (rather than setting stop_training) skips the epoch-end backup, so the checkpoint on disk
-  stays the last good one.
+  Raising (rather than setting stop_training) skips the backups of that step and of the epoch end,
+  so the checkpoint on disk stays the last good one.
   """
 
   def __init__(self):
@@ -72,7 +167,69 @@ class _StopOnNaN(tf.keras.callbacks.Callback):
   def on_train_batch_end(self, batch, logs=None):
     loss = (logs or {}).get("loss")
     if loss is not None and not math.isfinite(float(loss)):
-      raise _NaNLoss(self._epoch + 1, batch + 1)
+      raise _NaNLoss(self._epoch + 1, batch + 1, int(self.model.optimizer.iterations.numpy()))
+
+
+class _Backup(tf.keras.callbacks.BackupAndRestore):
+  """Keras' BackupAndRestore, saving model and optimizer every `steps` steps and at every epoch end
+  (restored mid-epoch by the next run), never saving weights that are not finite, and saving before
+  the run stops on SIGTERM or SIGINT (see _stopping_on_signals)."""
+
+  def __init__(self, backup_dir, steps, steps_per_epoch):
+    super().__init__(backup_dir, save_freq=steps, delete_checkpoint=False)
+    self._steps_per_epoch = steps_per_epoch
+    self.signal = None  # set by the signal handler; acted on at the end of the current step
+
+  def on_train_begin(self, logs=None):
+    super().on_train_begin(logs)
+    saved_batch = self._training_state._ckpt_saved_batch
+    if int(saved_batch.numpy()) >= self._steps_per_epoch:
+      # Saved by a run with a larger --steps_per_epoch: go on with the next epoch.
+      saved_batch.assign(self._steps_per_epoch - 1)
+    step = int(self.model.optimizer.iterations.numpy())
+    if step:
+      log.info("resuming from the checkpoint at step %d", step)
+
+  def on_train_batch_end(self, batch, logs=None):
+    super().on_train_batch_end(batch, logs)
+    if self.signal is not None:
+      self._backup(self._current_epoch, batch)
+      name = signal.Signals(self.signal).name
+      step = int(self.model.optimizer.iterations.numpy())
+      raise Interrupted(
+          f"{name} at step {step} (epoch {self._current_epoch + 1}, step {batch + 1}); the checkpoint "
+          "is saved: rerun the same command to resume", self.signal)
+
+  def on_epoch_end(self, epoch, logs=None):
+    self._backup(epoch, self._steps_per_epoch - 1)
+
+  def _backup(self, epoch, batch=0):
+    if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in self.model.trainable_variables):
+      raise _NaNLoss(epoch + 1, batch + 1, int(self.model.optimizer.iterations.numpy()))
+    super()._backup(epoch, batch)
+
+
+@contextlib.contextmanager
+def _stopping_on_signals(backup):
+  """SIGTERM and SIGINT ask `backup` to save and stop after the current step; a second one stops at
+  once (the periodic checkpoint remains, as after SIGKILL)."""
+  if threading.current_thread() is not threading.main_thread():
+    yield  # signal handlers can only be installed from the main thread
+    return
+
+  def handler(signum, frame):
+    if backup.signal is not None:
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+      return
+    backup.signal = signum
+
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
 
 
 def train(build_model, args, model_config, export=True):
@@ -83,23 +240,36 @@ def train(build_model, args, model_config, export=True):
   """
   # First: MultiWorkerMirroredStrategy must exist before other TensorFlow work in the process.
   strategy = make_strategy(getattr(args, "distribute", "auto"))
+  deterministic = getattr(args, "deterministic", False)
+  if deterministic:
+    enable_determinism(args.seed)
   model_dir = args.model_path
-  check_model_dir(model_dir, model_config)
+  # The data first: a glob that matches nothing or a patch larger than every image fails here,
+  # before the model directory is made.
   train_ds = data.train_dataset(args.dataset, args.patch_size, args.batch_size,
-                                train_glob=args.train_glob, data_dir=args.data_dir)
+                                train_glob=args.train_glob, data_dir=args.data_dir,
+                                seed=args.seed if deterministic else None)
   val_ds = data.eval_dataset(data.eval_paths(args.dataset, args.eval_glob),
                              replicas=strategy.num_replicas_in_sync)
+  init_from = getattr(args, "init_from", None)
+  if init_from:
+    check_warm_start(init_from, model_config)
+  check_model_dir(model_dir, model_config)
   with strategy.scope():
     model = build_model(args)
-    model.compile(optimizer=tf.keras.optimizers.Adam(
-        learning_rate=args.learning_rate, global_clipnorm=model.GLOBAL_CLIPNORM))
+    model.quantization = getattr(args, "quantization", model.quantization)
+    model.compile(optimizer=make_optimizer(args, args.epochs * args.steps_per_epoch, model))
     # Slots now, not at the first step: a resumed run restores them even when no step is left to run.
     model.optimizer.build(model.trainable_variables)
+    if init_from and not _has_checkpoint(model_dir):
+      restore_weights(model, init_from, lambda: build_model(args))
+  # Restores model and optimizer state on the next run, so an interrupted command resumes at the
+  # last saved step.
+  backup = _Backup(os.path.join(model_dir, BACKUP), getattr(args, "backup_steps", 100),
+                   args.steps_per_epoch)
   callbacks = [
       _StopOnNaN(),
-      # Saves model and optimizer state at every epoch end and restores them on the next run, so an
-      # interrupted command resumes where its last finished epoch left off.
-      tf.keras.callbacks.BackupAndRestore(os.path.join(model_dir, BACKUP), delete_checkpoint=False),
+      backup,
       tf.keras.callbacks.TensorBoard(os.path.join(model_dir, LOGS), write_graph=False,
                                      update_freq="epoch"),
   ]
@@ -107,14 +277,16 @@ def train(build_model, args, model_config, export=True):
            model_config["codec"], model_config["lambda"], model_dir, args.epochs,
            args.steps_per_epoch, args.batch_size, args.patch_size)
   try:
-    history = model.fit(train_ds, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-                        validation_data=val_ds, validation_freq=1, callbacks=callbacks,
-                        verbose=args.verbose)
+    with _stopping_on_signals(backup):
+      history = model.fit(train_ds, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                          validation_data=val_ds, validation_freq=1, callbacks=callbacks,
+                          verbose=args.verbose)
   except _NaNLoss as e:
-    epoch, step = e.args
+    epoch, step, total = e.args
     raise UserError(
-        f"loss became NaN at epoch {epoch}, step {step} (lambda {model_config['lambda']}); "
-        "the checkpoint of the last finished epoch is kept: lower --learning_rate and rerun") from None
+        f"loss became NaN at step {total} (epoch {epoch}, step {step}) with lambda "
+        f"{model_config['lambda']}; the last checkpoint before it is kept: lower --learning_rate "
+        "and rerun") from None
   if not export:
     return history
   fingerprint = codec.export(model, model_dir, model_config)

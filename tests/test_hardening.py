@@ -1,0 +1,326 @@
+"""Hostile and unusual inputs: fuzzed files for every decoder, images of every kind for compress,
+senseless training flags, tiled decoding, and a training run killed and resumed.
+
+The neural codecs use the session's tiny models (conftest.trained); tools/fuzz.py is the long run.
+"""
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import jpeg_baseline as jb
+from conftest import ROOT, natural_image
+from tools import fuzz
+from utils import bitstream, codec, data, model as model_lib
+from utils.errors import BitstreamError, DecodeTimeout, UserError
+
+
+def _one_line_error(capsys):
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+  return err
+
+
+def _outcomes(target, cases, crafted_share):
+  counts = {}
+  for index in range(cases):
+    case = fuzz.make_case(target, index, seed=1, crafted_share=crafted_share)
+    outcome, seconds, message = fuzz.run_case(target, case)
+    assert not outcome.startswith("FAIL"), (case.kind, outcome, message)
+    counts[outcome] = counts.get(outcome, 0) + 1
+  return counts
+
+
+# --- bitstreams ------------------------------------------------------------------------------
+
+
+def test_neural_decoders_reject_damaged_and_edited_files(trained):
+  target = fuzz.neural_target(trained.name, trained.model_path, [natural_image(37, 53, 5)] * 2)
+  # Crafted (re-signed) cases can hang tensorflow-compression's decoder: tools/fuzz.py runs them in
+  # a worker process; here only what anyone can make without the model.
+  counts = _outcomes(target, 150, crafted_share=0)
+  assert counts["rejected"] > 140 and set(counts) <= {"rejected", "intact"}, counts
+
+
+def test_a_string_re_signed_with_the_model_key_reaches_the_range_decoder(trained):
+  model = codec.Codec(trained.model_path)
+  good, _ = model.encode(natural_image(20, 30, 3))
+  header, strings = bitstream.unpack(good)
+  # Bytes after the end of a range-coded string: tensorflow-compression's end test fails.
+  forged = bitstream.pack(header, strings[:-1] + [strings[-1] + b"\xff" * 8], key=model._key)
+  with pytest.raises(BitstreamError, match="range-coded string does not end"):
+    model.decode(forged)
+
+
+@pytest.mark.parametrize("name", fuzz.TEACHING)
+def test_teaching_decoders_survive_every_kind_of_damage(name):
+  target = fuzz.teaching_target(name, [natural_image(37, 53, 5), natural_image(24, 40, 6)])
+  counts = _outcomes(target, 300, crafted_share=0.3)
+  assert counts["rejected"] > 200 and set(counts) <= {"rejected", "intact", "forged"}, counts
+
+
+def test_entropy_decoding_is_stopped_by_its_time_limit():
+  start = time.time()
+  with pytest.raises(DecodeTimeout, match="did not finish within"):
+    codec._within(0.2, time.sleep, 2)
+  assert time.time() - start < 1.5
+
+
+def test_sizes_are_bounded_and_encodings_unique():
+  bitstream.check_image_size(8192, 8192)
+  bitstream.pack(bitstream.Header("bls2017", b"\0\0", 1 << 15, 1 << 11), [b"x"])
+  for height, width in [(8193, 8193), (1 << 15, (1 << 11) + 1), ((1 << 15) + 1, 1)]:
+    with pytest.raises(BitstreamError, match="outside the supported range"):
+      bitstream.check_image_size(height, width)
+  # An overlong varint: another encoding of the same file is refused.
+  good = bitstream.pack(bitstream.Header("bls2017", b"\0\0", 5, 7), [b"abc"], key=b"k")
+  body = bytearray(good)
+  at = 6 + bitstream.CHECK_BYTES
+  body[at] |= 0x80
+  body.insert(at + 1, 0)
+  with pytest.raises(BitstreamError, match="minimally encoded"):
+    bitstream.unpack(bytes(body))
+
+
+@pytest.mark.parametrize("name", ["bls2017", "bmshj2018", "hcae"])
+def test_tiled_synthesis_equals_the_whole(name):
+  import importlib
+  module = importlib.import_module(name)
+  synthesis = module.synthesis_transform(4, "float64")
+  synthesis.build((None, None, None, 5))
+  latents = np.random.default_rng(0).normal(0, 3, (1, 5, 7, 5))
+  whole = model_lib.to_uint8(synthesis(latents))[0].numpy()
+  tiled = model_lib.tiled_synthesis(synthesis, latents, tile=2).numpy()
+  np.testing.assert_array_equal(tiled, whole)
+  # Without the halo the tiles' borders differ: the comparison above does see them.
+  assert not np.array_equal(model_lib.tiled_synthesis(synthesis, latents, tile=2, halo=0), whole)
+
+
+# --- inputs to compress ----------------------------------------------------------------------
+
+
+def _png(path, width, height, depth=8, color_type=2, rows=None):
+  """A PNG written by hand: Pillow writes no 16-bit colour, nor a header without pixels (which is
+  enough for a size check)."""
+  def chunk(kind, body):
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+  ihdr = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
+  pixels = chunk(b"IDAT", zlib.compress(rows)) if rows is not None else b""
+  path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + pixels + chunk(b"IEND", b""))
+
+
+def _png_header_only(path, width, height):
+  _png(path, width, height)
+
+
+def _png16(path, samples):
+  height, width, channels = samples.shape
+  rows = b"".join(b"\0" + samples[y].astype(">u2").tobytes() for y in range(height))
+  _png(path, width, height, 16, {1: 0, 3: 2}[channels], rows)
+
+
+def test_image_kinds_become_rgb(tmp_path, caplog):
+  rgb = natural_image(6, 10, 1)
+  Image.fromarray(rgb).convert("L").save(tmp_path / "gray.png")
+  Image.fromarray(rgb).convert("P").save(tmp_path / "palette.png")
+  Image.fromarray(rgb).save(tmp_path / "rgb.tif")
+  Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+  ramp = (np.arange(60, dtype=np.uint16).reshape(6, 10, 1) * 1000)
+  _png16(tmp_path / "gray16.png", ramp)
+  _png16(tmp_path / "rgb16.png", np.repeat(ramp, 3, axis=2))
+  for name in ("gray.png", "palette.png", "rgb.tif", "cmyk.jpg", "gray16.png", "rgb16.png"):
+    image = data.read_image(str(tmp_path / name))
+    assert image.shape == (6, 10, 3) and image.dtype == np.uint8, name
+  expected = (ramp[..., 0].astype(np.int64) * 255 + 32767) // 65535
+  np.testing.assert_array_equal(data.read_image(str(tmp_path / "gray16.png"))[..., 0], expected)
+  assert np.abs(data.read_image(str(tmp_path / "rgb16.png"))[..., 0] - expected).max() <= 1
+  cmyk = data.read_image(str(tmp_path / "cmyk.jpg")).astype(int)
+  assert np.abs(cmyk - rgb).mean() < 12  # the colours survive the CMYK round trip
+
+  with caplog.at_level("WARNING", logger="utils.data"):
+    Image.fromarray(np.dstack([rgb, np.full((6, 10), 128, np.uint8)]), "RGBA").save(tmp_path / "rgba.png")
+    assert data.read_image(str(tmp_path / "rgba.png")).shape == (6, 10, 3)
+  assert "alpha channel is dropped" in caplog.text
+
+
+def test_exif_orientation_is_applied(tmp_path):
+  image = Image.fromarray(natural_image(6, 10, 2))
+  exif = Image.Exif()
+  exif[0x0112] = 6  # stored turned: shown rotated by 90 degrees
+  image.save(tmp_path / "turned.jpg", exif=exif, quality=95)
+  assert data.read_image(str(tmp_path / "turned.jpg")).shape == (10, 6, 3)
+
+
+def test_unreadable_inputs_are_one_line_errors(tmp_path):
+  (tmp_path / "text.png").write_text("not an image")
+  (tmp_path / "empty.png").write_bytes(b"")
+  (tmp_path / "folder.png").mkdir()
+  _png_header_only(tmp_path / "huge.png", 10000, 8000)
+  _png_header_only(tmp_path / "bomb.png", 30000, 30000)  # past Pillow's own limit too
+  png = tmp_path / "ok.png"
+  Image.fromarray(natural_image(20, 30, 3)).save(png)
+  (tmp_path / "cut.png").write_bytes(png.read_bytes()[:60])
+  cases = {"text.png": "cannot read image", "empty.png": "cannot read image",
+           "missing.png": "no such file", "folder.png": "is a directory",
+           "huge.png": "10000x8000 pixels; images of at most 67108864 pixels",
+           "bomb.png": "images of at most 67108864 pixels", "cut.png": "cannot read image"}
+  for name, match in cases.items():
+    with pytest.raises(UserError, match=match):
+      data.read_image(str(tmp_path / name))
+  # Damaged files never raise anything but UserError.
+  rng = np.random.default_rng(0)
+  Image.fromarray(natural_image(20, 30, 4)).save(tmp_path / "ok.jpg", quality=90)
+  for source in (png.read_bytes(), (tmp_path / "ok.jpg").read_bytes()):
+    for trial in range(60):
+      bad = bytearray(source)
+      for _ in range(1 + trial % 4):
+        bad[rng.integers(len(bad))] = rng.integers(256)
+      path = tmp_path / f"bad{trial}"
+      path.write_bytes(bytes(bad[:len(bad) - trial % 7 * 11]))
+      try:
+        assert data.read_image(str(path)).shape[2] == 3
+      except UserError:
+        pass
+
+
+def test_tiny_images_round_trip_and_outputs_are_guarded(trained, tmp_path, capsys):
+  for size in [(1, 1), (3, 5)]:
+    src = tmp_path / f"tiny{size[0]}.png"
+    Image.fromarray(natural_image(*size, 7)).save(src)
+    assert trained.main("compress", str(src), "--model_path", trained.model_path) == 0
+    assert trained.main("decompress", str(src) + ".lic", "--model_path", trained.model_path) == 0
+    assert np.asarray(Image.open(str(src) + ".lic.png")).shape == (*size, 3)
+  capsys.readouterr()
+  src = tmp_path / "tiny1.png"
+  (tmp_path / "a_file").write_text("x")
+  for output, match in [(tmp_path / "no_dir" / "x.lic", "no directory"), (tmp_path, "is a directory"),
+                        (tmp_path / "a_file" / "x.lic", "no directory"),
+                        (str(src) + ".lic", "exists; pass --overwrite")]:
+    before = sorted(os.listdir(tmp_path))
+    assert trained.main("compress", str(src), str(output), "--model_path", trained.model_path) == 2
+    assert match in _one_line_error(capsys)
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written, not even a temporary file
+
+
+def test_teaching_codec_guards_inputs_and_outputs(tmp_path, capsys):
+  src = tmp_path / "in.png"
+  Image.fromarray(natural_image(3, 5, 8)).save(src)
+  assert jb.main(["compress", str(src)]) == 0
+  assert jb.main(["decompress", str(src) + ".lic"]) == 0
+  assert np.asarray(Image.open(str(src) + ".lic.png")).shape == (3, 5, 3)
+  capsys.readouterr()
+  _png_header_only(tmp_path / "huge.png", 9000, 9000)
+  for argv, match in [(["compress", str(tmp_path)], "is a directory"),
+                      (["compress", str(tmp_path / "huge.png")], "images of at most"),
+                      (["compress", str(src), str(tmp_path / "none" / "x.lic")], "no directory"),
+                      (["compress", str(src)], "exists; pass --overwrite"),
+                      (["decompress", str(src)], "not a compressed image")]:
+    assert jb.main(argv) == 2, argv
+    assert match in _one_line_error(capsys), argv
+
+
+# --- training flags, NaN, interruption ------------------------------------------------------
+
+
+def test_senseless_training_flags_fail_before_any_work(trained, tmp_path, capsys):
+  model_path = tmp_path / "m"
+  (tmp_path / "few").mkdir()
+  Image.fromarray(natural_image(40, 40, 9)).save(tmp_path / "few" / "a.png")
+  cases = [(["--lambda", "0"], "--lambda must be positive and finite"),
+           (["--lambda", "-1"], "--lambda must be positive and finite"),
+           (["--lambda", "nan"], "--lambda must be positive and finite"),
+           (["--learning_rate", "inf"], "--learning_rate must be positive and finite"),
+           (["--backup_steps", "0"], "--backup_steps must be positive"),
+           (["--num_filters", "0"], "--num_filters must be positive"),
+           (["--patch_size", "100000"], "no training image is at least 100000x100000"),
+           (["--dataset", "folder", "--train_glob", str(tmp_path / "nothing*.png")], "no images match"),
+           (["--dataset", "folder", "--train_glob", str(tmp_path / "few" / "*.png"), "--patch_size", "64"],
+            "no training image is at least 64x64"),
+           (["--eval_glob", str(tmp_path / "none*.png")], "no images match")]
+  for flags, match in cases:
+    rc = trained.main("train", *flags, "--model_path", str(model_path))
+    assert rc == 2 and match in _one_line_error(capsys), flags
+    assert not model_path.exists(), flags  # refused before the model directory was made
+
+
+def test_nan_loss_names_lambda_and_step(tmp_path):
+  import bls2017
+  from utils import cli, training
+  Image.fromarray(natural_image(32, 32, 3)).save(tmp_path / "val.png")
+  parser, flags = cli.build_parser("bls2017", bls2017.add_model_flags)
+  args = parser.parse_args(["train", "--num_filters", "4", "--patch_size", "16", "--batch_size", "1",
+                            "--epochs", "1", "--steps_per_epoch", "3", "--verbose", "0",
+                            "--eval_glob", str(tmp_path / "val.png"), "--model_path", str(tmp_path / "m")])
+  args.lmbda = float("nan")  # past the flag check: the loss is NaN from the first step
+  with pytest.raises(UserError, match=r"NaN at step 1 \(epoch 1, step 1\) with lambda nan"):
+    training.train(bls2017.build_model, args, cli.model_config("bls2017", args, flags), export=False)
+  assert not (tmp_path / "m" / "backup" / "chief" / "checkpoint").exists()  # nothing NaN was saved
+
+
+RESUME = ["--lambda", "0.01", "--num_filters", "8", "--patch_size", "32", "--batch_size", "2",
+          "--steps_per_epoch", "60", "--epochs", "2", "--backup_steps", "5", "--learning_rate", "1e-3",
+          "--verbose", "0", "--deterministic"]
+
+
+def _saved_step(model_path):
+  import tensorflow as tf
+  directory = os.path.join(model_path, "backup", "chief")
+  if not tf.io.gfile.exists(os.path.join(directory, "checkpoint")):
+    return None
+  try:
+    reader = tf.train.load_checkpoint(directory)
+  except (ValueError, tf.errors.OpError):  # caught between two writes
+    return None
+  return int(reader.get_tensor("model/optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+def _train_until(argv, model_path, signum, after_step):
+  """Starts the training command, sends `signum` once a checkpoint past `after_step` is on disk."""
+  process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  while process.poll() is None:
+    step = _saved_step(model_path)
+    if step is not None and step > after_step:
+      process.send_signal(signum)
+      break
+    time.sleep(0.05)
+  out, err = process.communicate(timeout=300)
+  return process.returncode, out + err
+
+
+def test_killed_training_resumes_with_its_step_count_and_optimizer(tmp_path):
+  Image.fromarray(natural_image(32, 48, 3)).save(tmp_path / "val.png")
+  model_path = str(tmp_path / "m")
+  argv = [sys.executable, os.path.join(ROOT, "bls2017.py"), "train", *RESUME,
+          "--eval_glob", str(tmp_path / "val.png"), "--model_path", model_path]
+
+  rc, log = _train_until(argv, model_path, signal.SIGTERM, after_step=5)
+  assert rc == 128 + signal.SIGTERM, log
+  stopped = [line for line in log.splitlines() if line.startswith("stopped: SIGTERM at step")]
+  assert len(stopped) == 1 and "rerun the same command to resume" in stopped[0], log
+  at_term = _saved_step(model_path)
+  assert f"at step {at_term} " in stopped[0] and 5 < at_term < 60  # saved on the way out, mid-epoch
+  import tensorflow as tf
+  reader = tf.train.load_checkpoint(os.path.join(model_path, "backup", "chief"))
+  moments = [k for k in reader.get_variable_to_shape_map() if k.startswith("model/optimizer/_variables/")]
+  assert moments and any(np.abs(reader.get_tensor(k)).sum() > 0 for k in moments)
+
+  rc, log = _train_until(argv, model_path, signal.SIGKILL, after_step=at_term + 10)
+  assert rc == -signal.SIGKILL, log
+  assert f"resuming from the checkpoint at step {at_term}" in log
+  at_kill = _saved_step(model_path)
+  assert at_kill > at_term
+
+  out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr
+  assert f"resuming from the checkpoint at step {at_kill}" in out.stderr
+  assert "(120 steps in all)" in out.stdout  # 2 epochs x 60 steps: none lost, none repeated
+  model = codec.Codec(model_path)
+  image = natural_image(20, 30, 4)
+  assert model.decode(model.encode(image)[0]).shape == image.shape

@@ -1,0 +1,83 @@
+"""The training recipe: the learning-rate schedule, gradient clipping, the straight-through
+quantization proxy, and the warm start of one lambda from another (--init_from)."""
+import argparse
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import COMMON, TINY
+from utils import codec, training
+from utils.errors import UserError
+from utils.model import CompressionModel
+
+
+def test_warmup_then_cosine_decay_to_the_final_rate():
+  schedule = training.WarmupCosine(1e-3, total=1000, warmup=100, final=1e-5)
+  rates = np.array([float(schedule(s)) for s in range(0, 1001)])
+  assert rates[0] == pytest.approx(1e-5) and rates[99] == pytest.approx(1e-3)
+  assert np.all(np.diff(rates[:100]) > 0)                 # warm-up rises
+  assert np.all(np.diff(rates[100:]) <= 1e-12)            # then only falls
+  assert rates[550] == pytest.approx((1e-3 + 1e-5) / 2, rel=1e-3)
+  assert rates[1000] == pytest.approx(1e-5) and float(schedule(5000)) == pytest.approx(1e-5)
+  # A run shorter than the warm-up still gets to decay.
+  short = training.WarmupCosine(1e-3, total=10, warmup=200)
+  assert short.warmup == 5 and float(short(10)) == pytest.approx(1e-5)
+
+
+def _args(**kw):
+  base = dict(learning_rate=1e-3, lr_schedule="cosine", warmup_steps=200, final_learning_rate=1e-5,
+              clipnorm=1.0)
+  base.update(kw)
+  return argparse.Namespace(**base)
+
+
+def test_optimizer_follows_the_flags():
+  opt = training.make_optimizer(_args(), 1000)
+  assert isinstance(opt._learning_rate, training.WarmupCosine) and opt.global_clipnorm == 1.0
+  constant = training.make_optimizer(_args(lr_schedule="constant", learning_rate=1e-4, clipnorm=0), 1000)
+  assert float(constant.learning_rate) == pytest.approx(1e-4) and constant.global_clipnorm is None
+  assert not isinstance(constant._learning_rate, training.WarmupCosine)
+
+
+def test_straight_through_quantization_rounds_forward_and_passes_gradients_back():
+  model = CompressionModel(0.01)
+  y = tf.Variable([[0.2, 1.7, -2.6]])
+  for proxy, expected in (("ste", [[0.0, 2.0, -3.0]]), ("noise", [[0.5, 2.0, -2.3]])):
+    model.quantization = proxy
+    with tf.GradientTape() as tape:
+      noisy = y + 0.3  # stands in for the entropy model's noisy latents
+      out = model.synthesis_input(noisy, y, tf.round(y), training=True)
+      loss = tf.reduce_sum(3.0 * out)
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(tape.gradient(loss, y).numpy(), [[3.0, 3.0, 3.0]])
+    # Outside training the entropy model's output (rounded) goes through untouched.
+    assert model.synthesis_input(tf.constant(5.0), y, tf.round(y), training=False).numpy() == 5.0
+
+
+def test_warm_start_takes_the_weights_of_another_lambda(trained, tmp_path):
+  target = str(tmp_path / "warm")
+  # One step at a negligible rate: the result must hold the source's weights.
+  rc = trained.main("train", *COMMON, *TINY[trained.name], "--lambda", "0.05", "--epochs", "1",
+                    "--steps_per_epoch", "1", "--learning_rate", "1e-9", "--final_learning_rate", "1e-9",
+                    "--eval_glob", trained.val_glob, "--init_from", trained.model_path,
+                    "--model_path", target)
+  assert rc == 0
+  source = codec.Codec(trained.model_path)._module.weights
+  warm = codec.Codec(target)._module.weights
+  weights = [(a, b) for a, b in zip(source, warm) if a.dtype.is_floating]  # not the coding tables
+  assert len(weights) > 5
+  for a, b in weights:
+    # The float64 exact twins hold integer-quantized copies, which a 1e-9 step can move by one unit.
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1.0 if a.dtype == tf.float64 else 1e-6)
+
+
+def test_warm_start_from_another_shape_fails_before_training(trained, tmp_path, capsys):
+  flags = list(TINY[trained.name])
+  flags[flags.index("--num_filters") + 1] = "8"
+  rc = trained.main("train", *COMMON, *flags, "--epochs", "1", "--init_from", trained.model_path,
+                    "--model_path", str(tmp_path / "other"))
+  assert rc == 2 and "another shape" in capsys.readouterr().err
+  assert not (tmp_path / "other").exists()
+  with pytest.raises(UserError, match="not a model directory"):
+    training.check_warm_start(str(tmp_path), {"codec": trained.name, "lambda": 1.0})
