@@ -201,7 +201,7 @@ def test_bad_files_exit_2_with_one_line(tmp_path, capsys):
   png = tmp_path / "real.png"
   Image.fromarray(image).save(png)
   cases = {
-      "truncated": (good["dct"][:-7], "truncated|checksum"),
+      "truncated": (good["dct"][:-7], "truncated|check does not match"),
       "random": (np.random.default_rng(0).bytes(500), "not a compressed image"),
       "empty": (b"", "not a compressed image"),
       "png": (png.read_bytes(), "not a compressed image"),
