@@ -274,11 +274,13 @@ def _saved_step(model_path):
   directory = os.path.join(model_path, "backup", "chief")
   if not tf.io.gfile.exists(os.path.join(directory, "checkpoint")):
     return None
+  # The manager writes a new checkpoint and deletes the old one while we read: the index can name a data
+  # file that is already gone, so both the open and the read may fail; the next poll sees a whole one.
   try:
     reader = tf.train.load_checkpoint(directory)
-  except (ValueError, tf.errors.OpError):  # caught between two writes
+    return int(reader.get_tensor("model/optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
+  except (ValueError, tf.errors.OpError):
     return None
-  return int(reader.get_tensor("model/optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
 
 
 def _train_until(argv, model_path, signum, after_step):
