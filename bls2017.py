@@ -13,10 +13,10 @@ coding rounds them.
 """
 import sys
 
-import utils  # noqa: F401  (first: quiets TensorFlow start-up logs)
+import utils  # first: quiets TensorFlow start-up logs
 
 import tensorflow as tf
-import tensorflow_compression as tfc
+tfc = utils.lazy_import("tensorflow_compression")
 
 from utils import cli
 from utils.model import CompressionModel, float64_twin

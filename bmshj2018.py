@@ -17,10 +17,10 @@ hyper-synthesis (utils/exact.py) on the integer z, identically in encoder and de
 """
 import sys
 
-import utils  # noqa: F401  (first: quiets TensorFlow start-up logs)
+import utils  # first: quiets TensorFlow start-up logs
 
 import tensorflow as tf
-import tensorflow_compression as tfc
+tfc = utils.lazy_import("tensorflow_compression")
 
 from utils import cli
 from utils.entropy_models import coding_indexes, factorized, gaussian_conditional

@@ -24,10 +24,10 @@ sides derive bit-identical priors on any machine.
 """
 import sys
 
-import utils  # noqa: F401  (first: quiets TensorFlow start-up logs)
+import utils  # first: quiets TensorFlow start-up logs
 
 import tensorflow as tf
-import tensorflow_compression as tfc
+tfc = utils.lazy_import("tensorflow_compression")
 
 from utils import cli, exact
 from utils.entropy_models import coding_indexes, factorized, gaussian_conditional

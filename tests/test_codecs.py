@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, TINY, natural_image, run_script
-from utils import bitstream, codec, rd
+from utils import bitstream, codec, metrics, rd
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_rerun_with_another_model_is_refused(trained, capsys):
 def test_cross_process_round_trip_is_exact(trained, odd_image, tmp_path):
   model_path = trained.model_path
   lic = tmp_path / "odd.lic"
-  out = run_script(trained.script, "compress", odd_image, lic, "--model_path", model_path)
+  out = out_compress = run_script(trained.script, "compress", odd_image, lic, "--model_path", model_path)
   assert out.returncode == 0, out.stderr
   reported = float(re.search(r"([\d.]+) bpp \(estimated ([\d.]+)\)", out.stdout).group(1))
   size = os.path.getsize(lic)
@@ -69,6 +69,14 @@ def test_cross_process_round_trip_is_exact(trained, odd_image, tmp_path):
     decoded = np.asarray(Image.open(png))
     assert decoded.shape == (37, 53, 3)
     np.testing.assert_array_equal(decoded, in_process)
+
+  assert "PSNR" not in out_compress.stdout  # compress alone does not decode
+  out = run_script(trained.script, "compress", odd_image, lic, "--model_path", model_path, "--overwrite",
+                   "--measure")
+  assert out.returncode == 0, out.stderr
+  assert lic.read_bytes() == data
+  psnr = float(re.search(r"PSNR ([\d.]+) dB", out.stdout).group(1))
+  assert psnr == pytest.approx(metrics.psnr(np.asarray(Image.open(odd_image)), in_process), abs=0.006)
 
 
 def test_saved_model_codes_without_the_python_class(trained, tmp_path):

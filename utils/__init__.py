@@ -3,6 +3,27 @@
 Nothing in here imports a model script. Model scripts import `utils` before TensorFlow so that the
 setting below takes effect before TensorFlow's C++ start-up messages are printed.
 """
+import importlib.util
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def lazy_import(name):
+  """The module `name`, imported at its first attribute access.
+
+  Model scripts take tensorflow_compression this way: importing it imports tensorflow-probability,
+  about a second of start-up that `compress` and `decompress` do not need (they run the SavedModel
+  and only load the range-coding ops, see utils.codec); `train` builds layers and imports it then.
+  """
+  if name in sys.modules:
+    return sys.modules[name]
+  spec = importlib.util.find_spec(name)
+  if spec is None:
+    raise ImportError(f"No module named {name!r}")
+  spec.loader = importlib.util.LazyLoader(spec.loader)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
+  return module

@@ -80,6 +80,8 @@ def build_parser(name, add_model_flags):
   comp.add_argument("input", help="image file (PNG, JPEG, ...)")
   comp.add_argument("output", nargs="?", help=f"compressed file (default: INPUT{DEFAULT_EXT})")
   comp.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+  comp.add_argument("--measure", action="store_true", help="also decode the written file and print its "
+                    "PSNR and MS-SSIM (a decode costs about as much as the compression)")
   add_shared_flags(comp)
 
   decomp = sub.add_parser("decompress", help="decompress a file into a PNG image")
@@ -123,14 +125,18 @@ def code_image(model, image, path):
   write_bytes(path, data)
   data = read_bytes(path)
   recon = model.decode(data)
-  height, width = image.shape[:2]
-  pixels = height * width
-  from utils import bitstream
+  r = _measure_file(data, est_bits, image.shape[:2])
+  del r["data"]
+  return dict(r, psnr=metrics.psnr(image, recon), ms_ssim=metrics.ms_ssim(image, recon), recon=recon)
+
+
+def _measure_file(data, est_bits, size):
+  """The rate of a file: bytes, bpp, the entropy models' estimate, and the real bpp of each string."""
+  from utils import bitstream, metrics
+  pixels = size[0] * size[1]
   _, strings = bitstream.unpack(data)
-  return dict(bytes=len(data), bpp=metrics.bpp(len(data), height, width),
-              est_bpp=float(est_bits.sum()) / pixels,
-              string_bpp=[8 * len(s) / pixels for s in strings],
-              psnr=metrics.psnr(image, recon), ms_ssim=metrics.ms_ssim(image, recon), recon=recon)
+  return dict(data=data, bytes=len(data), bpp=metrics.bpp(len(data), *size),
+              est_bpp=float(est_bits.sum()) / pixels, string_bpp=[8 * len(s) / pixels for s in strings])
 
 
 def _compress(args, name):
@@ -141,11 +147,15 @@ def _compress(args, name):
   if image is None:
     raise UserError(f"no such file: {args.input}")
   model = codec.Codec(args.model_path, f"{name}.py")
-  r = code_image(model, image, output)
+  if args.measure:
+    r = code_image(model, image, output)
+  else:
+    r = _measure_file(*model.encode(image), image.shape[:2])
+    write_bytes(output, r.pop("data"))
   split = _rate_split(model.string_names, r["string_bpp"])
+  quality = f", PSNR {r['psnr']:.2f} dB, MS-SSIM {r['ms_ssim']:.4f}" if args.measure else ""
   print(f"{args.input} ({image.shape[0]}x{image.shape[1]}) -> {output}: {r['bytes']} bytes, "
-        f"{r['bpp']:.4f} bpp (estimated {r['est_bpp']:.4f}){split}, PSNR {r['psnr']:.2f} dB, "
-        f"MS-SSIM {r['ms_ssim']:.4f}")
+        f"{r['bpp']:.4f} bpp (estimated {r['est_bpp']:.4f}){split}{quality}")
 
 
 def _rate_split(names, string_bpp):

@@ -1,18 +1,35 @@
 """A trained model as a codec: export to a SavedModel, load it back without the Python class, and
 turn images into files and files into images through utils.bitstream."""
 import contextlib
+import importlib.util
 import json
 import os
 import threading
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_compression  # noqa: F401  (registers the range-coding ops the SavedModels use)
 
 from utils import bitstream
 from utils.errors import BitstreamError, DecodeTimeout, UserError
 
 SAVED_MODEL = "saved_model"
+
+
+def _register_range_coding_ops():
+  """Loads tensorflow-compression's op library, which the SavedModels' graphs use.
+
+  Importing the package would do it too, but it imports tensorflow-probability with it: about a
+  second of every `compress` and `decompress`. The path is spelled as the package's own `gen_ops`
+  spells it, so an `import tensorflow_compression` before or after (training) loads it once.
+  """
+  spec = importlib.util.find_spec("tensorflow_compression")
+  if spec is None:
+    raise ImportError("tensorflow-compression is not installed (pip install -r requirements.txt)")
+  ops_dir = os.path.join(spec.submodule_search_locations[0], "python", "ops")
+  tf.load_op_library(os.path.join(ops_dir, "../../cc/libtensorflow_compression.so"))
+
+
+_register_range_coding_ops()
 
 
 class _Export(tf.Module):

@@ -2,7 +2,8 @@
 import math
 
 import tensorflow as tf
-import tensorflow_compression as tfc
+import utils
+tfc = utils.lazy_import("tensorflow_compression")
 
 # Gaussian scales: a table of 64 values log-spaced from 0.11 to 256 (Ballé et al. 2018).
 NUM_SCALES = 64
