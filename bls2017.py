@@ -97,4 +97,4 @@ def build_model(args):
 
 
 if __name__ == "__main__":
-  sys.exit(cli.main(BLS2017Model.NAME, build_model, add_model_flags))
+  sys.exit(cli.main(BLS2017Model.NAME, build_model, add_model_flags, fast_exit=True))

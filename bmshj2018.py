@@ -135,4 +135,4 @@ def build_model(args):
 
 
 if __name__ == "__main__":
-  sys.exit(cli.main(BMSHJ2018Model.NAME, build_model, add_model_flags))
+  sys.exit(cli.main(BMSHJ2018Model.NAME, build_model, add_model_flags, fast_exit=True))
