@@ -89,7 +89,8 @@ def run_process(argv, timeout=3600):
 
 
 def check(result, what):
-  wall, rss, status, out, err = result
+  """`result` of run_process, or the end of this program if the process failed."""
+  status, err = result[2], result[4]
   if status != 0:
     sys.exit(f"error: {what} failed with status {status}:\n{err[-2000:]}")
   return result
@@ -122,7 +123,7 @@ def train_step(model, args):
     argv = [sys.executable, "benchmarks/train_step.py", "--model", model, "--json", out,
             "--steps", str(args.steps), "--warmup", str(args.warmup), *WIDTHS[model],
             "--patch_size", "256", "--batch_size", "8"]
-    wall, rss, _, _, _ = check(run_process(argv), f"the {model} training-step benchmark")
+    rss = check(run_process(argv), f"the {model} training-step benchmark")[1]
     with open(out) as f:
       result = json.load(f)
   return dict(step_s=result["median_step_s"], images_per_s=result["images_per_s"], train_rss_mib=rss)
@@ -150,7 +151,7 @@ def cli_coding(model, model_path, image_path, args):
 
 def in_process_coding(model_path, image_path, args):
   """Coding time with the model loaded, framing bytes and real vs estimated bits (in this process)."""
-  from utils import bitstream, codec, data
+  from utils import bitstream, codec, data, metrics
   coder = codec.Codec(model_path)
   image = data.read_image(image_path)
   encode, decode = [], []
@@ -161,12 +162,11 @@ def in_process_coding(model_path, image_path, args):
     start = time.perf_counter()
     coder.decode(encoded)
     decode.append(time.perf_counter() - start)
-  _, strings = bitstream.unpack(encoded)
-  string_bytes = sum(len(s) for s in strings)
+  real_bits, estimated_bits = 8 * len(encoded), float(sum(estimated))
   return dict(encode_s=statistics.median(encode[1:]), decode_s=statistics.median(decode[1:]),
-              file_bytes=len(encoded), framing_bytes=len(encoded) - string_bytes,
-              real_bits=8 * len(encoded), estimated_bits=float(sum(estimated)),
-              bpp=8 * len(encoded) / (image.shape[0] * image.shape[1]))
+              file_bytes=len(encoded), framing_bytes=bitstream.framing_bytes(encoded),
+              real_bits=real_bits, estimated_bits=estimated_bits, bits_ratio=real_bits / estimated_bits,
+              bpp=metrics.bpp(len(encoded), *image.shape[:2]))
 
 
 COLUMNS = (
@@ -237,7 +237,6 @@ def main(argv=None):
       if "coding" not in skip:
         print(f"{model}: in-process coding ...", flush=True)
         r.update(in_process_coding(model_path, image_path, args))
-        r["bits_ratio"] = r["real_bits"] / r["estimated_bits"]
       print(json.dumps(r), flush=True)
 
   machine = dict(machine=platform.machine(), processor=platform.processor(), cpu_count=os.cpu_count(),

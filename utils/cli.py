@@ -125,9 +125,8 @@ def code_image(model, image, path):
   write_bytes(path, data)
   data = read_bytes(path)
   recon = model.decode(data)
-  r = _measure_file(data, est_bits, image.shape[:2])
-  del r["data"]
-  return dict(r, psnr=metrics.psnr(image, recon), ms_ssim=metrics.ms_ssim(image, recon), recon=recon)
+  return dict(_measure_file(data, est_bits, image.shape[:2]), psnr=metrics.psnr(image, recon),
+              ms_ssim=metrics.ms_ssim(image, recon), recon=recon)
 
 
 def _measure_file(data, est_bits, size):
@@ -135,7 +134,7 @@ def _measure_file(data, est_bits, size):
   from utils import bitstream, metrics
   pixels = size[0] * size[1]
   _, strings = bitstream.unpack(data)
-  return dict(data=data, bytes=len(data), bpp=metrics.bpp(len(data), *size),
+  return dict(bytes=len(data), bpp=metrics.bpp(len(data), *size),
               est_bpp=float(est_bits.sum()) / pixels, string_bpp=[8 * len(s) / pixels for s in strings])
 
 
@@ -150,8 +149,9 @@ def _compress(args, name):
   if args.measure:
     r = code_image(model, image, output)
   else:
-    r = _measure_file(*model.encode(image), image.shape[:2])
-    write_bytes(output, r.pop("data"))
+    encoded, est_bits = model.encode(image)
+    write_bytes(output, encoded)
+    r = _measure_file(encoded, est_bits, image.shape[:2])
   split = _rate_split(model.string_names, r["string_bpp"])
   quality = f", PSNR {r['psnr']:.2f} dB, MS-SSIM {r['ms_ssim']:.4f}" if args.measure else ""
   print(f"{args.input} ({image.shape[0]}x{image.shape[1]}) -> {output}: {r['bytes']} bytes, "
