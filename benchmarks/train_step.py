@@ -7,8 +7,8 @@ Times the steps of a real Keras fit (data pipeline included) after a warm-up, on
 TensorFlow picks. --profile then runs --profile_steps more steps under TensorFlow's profiler and
 prints where a step's time goes: the CPU kernels' time per step by op type (summed over threads,
 so with inter-op parallelism it can exceed the wall time), forward and backward apart; on a GPU
-this table holds only the ops that ran on the host. Run it by hand
-on an idle machine; it is never a test.
+this table holds only the ops that ran on the host. Run it by hand on an idle machine; it is
+never a test.
 """
 import argparse
 import collections

@@ -19,8 +19,9 @@ SYNTHESIS_FACTOR = 16
 # The size is set by the first decode of a process, which pays for every page of memory it touches
 # (page faults and zeroing; later decodes reuse the pages): at 16 latents a 768 x 512 bmshj2018
 # decode at 192 filters peaks at 1.2 GB instead of 2.1 GB at 32, and its first synthesis takes
-# 1.7 s instead of 3.3 s, with the same pixels. Warm decodes take as long either way: the halo's
-# extra arithmetic (56 % at 16, 27 % at 32) is paid back by buffers that fit the caches better.
+# 1.7-2.0 s instead of 3.3 s, with the same pixels. Later decodes in the process took 1.4-1.5 s
+# at 16 against 1.2-1.5 s at 32: the halo's extra arithmetic (56 % at 16, 27 % at 32) is mostly
+# paid back by buffers that fit the caches better.
 # An image that fits one tile is synthesized whole.
 TILE = 16
 # Latents of context a tile needs on each side. Transposed 'same' convolutions align their output
