@@ -9,7 +9,7 @@ Model and training flags default to the `cpu` preset of experiments/presets.json
 anything after `--` is passed to `<model>.py train` and overrides them. --baseline trains with
 tensorflow-compression's recipe instead: Adam at a constant 1e-4, uniform noise, no clipping.
 
-The budget counts training steps only: the step count is set from a short probe so the learning
+The budget counts training steps only: the step count is set from a probe (the mean of 40 steps) so the learning
 rate schedule ends with the budget, and the evaluations (untimed) run between chunks of steps.
 At every checkpoint, for each eval image, the model's real file gives (bpp, PSNR), and Pillow JPEG
 4:2:0 at qualities 1..95 gives the anchor curve of that image:
@@ -87,23 +87,24 @@ def evaluate(script, args, config, weights_path, images, anchors):
               db_vs_jpeg=(float(np.mean(gains)) if gains else math.nan), images=rows)
 
 
-def probe_step_time(script, args, steps=8, warmup=3):
-  """Median seconds of a training step, on a throwaway copy of the model."""
+def probe_step_time(script, args, steps=40, warmup=5):
+  """Mean seconds of a training step, on a throwaway copy of the model.
+
+  The mean of a run of consecutive steps, end to end: a budget pays for the slow steps too, and a
+  median of a few steps came out up to a quarter below what the real runs then took.
+  """
   model = script.build_model(args)
   model.compile(optimizer=training.make_optimizer(args, 1000, model))
-  times = []
+  ends = []
 
   class Timer(tf.keras.callbacks.Callback):
-    def on_train_batch_begin(self, batch, logs=None):
-      self.start = time.perf_counter()
-
     def on_train_batch_end(self, batch, logs=None):
-      float(logs["loss"])
-      times.append(time.perf_counter() - self.start)
+      float(logs["loss"])  # wait for the step to finish
+      ends.append(time.perf_counter())
 
   ds = data.train_dataset(args.dataset, args.patch_size, args.batch_size, train_glob=args.train_glob)
   model.fit(ds, epochs=1, steps_per_epoch=warmup + steps, callbacks=[Timer()], verbose=0)
-  return float(np.median(times[warmup:]))
+  return (ends[-1] - ends[warmup - 1]) / steps
 
 
 def plot(directory):

@@ -1,5 +1,7 @@
-"""The benchmark tools' own logic (their timings are never tested): the training-step profile."""
+"""The benchmark tools' own logic (their timings are never tested): the training-step profile and
+the convergence run."""
 import json
+import math
 import os
 import sys
 
@@ -22,3 +24,26 @@ def test_profile_attributes_kernel_time_to_ops_and_passes(tmp_path, capsys):
   # Executor bookkeeping is not counted as a kernel.
   assert not any(op.startswith(("ExecutorState", "EagerExecute")) for op, _ in by_op)
   assert "kernel time per step" in capsys.readouterr().out
+
+
+def test_convergence_budget_checkpoints_and_jpeg_comparison(tmp_path, capsys):
+  import convergence
+  convergence.main(["--model", "bls2017", "--preset", "smoke", "--minutes", "0.02", "--eval_every", "0.01",
+                    "--output_dir", str(tmp_path), "--label", "tiny", "--", "--num_filters", "8"])
+  run = json.loads((tmp_path / "bls2017-tiny.json").read_text())
+  # The step count is the budget over the probed step time, spread over two checkpoints.
+  assert run["total_steps"] == max(int(0.02 * 60 / run["probe_step_s"]), 1)
+  points = run["checkpoints"]
+  assert len(points) == 2 and points[-1]["steps"] == run["total_steps"]
+  assert 0 < points[0]["minutes"] < points[1]["minutes"]
+  assert "--num_filters" in run["argv"] and run["argv"][-1] == "8"  # flags after -- reach train
+  for point in points:
+    assert len(point["images"]) == 3  # the built-in eval photos, each through a real file
+    assert point["bpp"] > 0 and 0 < point["psnr"] < 100
+    # The reported deltas are the geometric / arithmetic means of the per-image comparisons.
+    ratios = [r["bpp"] / r["jpeg_bpp"] for r in point["images"] if r["jpeg_bpp"] == r["jpeg_bpp"]]
+    if ratios:
+      expected = 100 * (math.exp(sum(map(math.log, ratios)) / len(ratios)) - 1)
+      assert abs(point["rate_vs_jpeg"] - expected) < 1e-6
+  assert (tmp_path / "convergence.png").stat().st_size > 0
+  assert "JPEG parity" in capsys.readouterr().out
