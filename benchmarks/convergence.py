@@ -9,8 +9,9 @@ Model and training flags default to the `cpu` preset of experiments/presets.json
 anything after `--` is passed to `<model>.py train` and overrides them. --baseline trains with
 tensorflow-compression's recipe instead: Adam at a constant 1e-4, uniform noise, no clipping.
 
-The budget counts training steps only: the step count is set from a probe (the mean of 40 steps) so the learning
-rate schedule ends with the budget, and the evaluations (untimed) run between chunks of steps.
+The budget counts training steps only: the step count is set from a probe (the mean of 40 steps)
+so the learning rate schedule ends with the budget, and the evaluations (untimed) run between
+chunks of steps.
 At every checkpoint, for each eval image, the model's real file gives (bpp, PSNR), and Pillow JPEG
 4:2:0 at qualities 1..95 gives the anchor curve of that image:
   rate vs JPEG   bpp / (JPEG's bpp at the same PSNR) - 1, geometric mean over the images: the
