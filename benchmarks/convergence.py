@@ -92,7 +92,7 @@ def probe_step_time(script, args, steps=40, warmup=5):
   """Mean seconds of a training step, on a throwaway copy of the model.
 
   The mean of a run of consecutive steps, end to end: a budget pays for the slow steps too, and a
-  median of a few steps came out up to a quarter below what the real runs then took.
+  median of a few steps came out up to a fifth below what the real runs then took.
   """
   model = script.build_model(args)
   model.compile(optimizer=training.make_optimizer(args, 1000, model))
