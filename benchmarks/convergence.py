@@ -18,7 +18,9 @@ At every checkpoint, for each eval image, the model's real file gives (bpp, PSNR
                  Bjontegaard delta rate of one point (negative: fewer bits than JPEG)
   dB vs JPEG     PSNR - (JPEG's PSNR at the same bpp), mean over the images
 Each run writes results/convergence/<model>-<label>.json; the plot results/convergence/convergence.png
-shows every run in that directory. Run it on an otherwise idle machine; it is never a test.
+shows every run in that directory. A run whose loss or weights stop being finite ends at that
+checkpoint, is marked "diverged" in its JSON and exits with status 1. Run it on an otherwise idle
+machine; it is never a test.
 """
 import argparse
 import importlib
@@ -108,6 +110,11 @@ def probe_step_time(script, args, steps=40, warmup=5):
   return (ends[-1] - ends[warmup - 1]) / steps
 
 
+def finite(loss, model):
+  """Whether training is still numerically sound: a finite loss and finite weights."""
+  return math.isfinite(loss) and all(bool(np.isfinite(v.numpy()).all()) for v in model.weights)
+
+
 def plot(directory):
   import matplotlib
   matplotlib.use("Agg")
@@ -187,9 +194,18 @@ def main(argv=None):
       history = model.fit(ds, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps, verbose=0)
       trained_s += time.perf_counter() - start
       step, epoch = step + steps, epoch + 1
+      loss = float(history.history["loss"][-1])
+      if not finite(loss, model):
+        # Coding tables cannot be built from non-finite weights: record where it broke and stop.
+        result["diverged"] = dict(steps=step, minutes=trained_s / 60, loss=loss)
+        with open(out, "w") as f:
+          json.dump(result, f, indent=1)
+        print(f"diverged: loss {loss} after {step} steps ({trained_s / 60:.2f} training minutes); "
+              "lower --learning_rate or keep --clipnorm", flush=True)
+        break
       weights = tf.train.Checkpoint(model=model).write(os.path.join(tmp, "weights"))
       point = evaluate(script, args, config, weights, images, anchors)
-      point.update(minutes=trained_s / 60, steps=step, loss=float(history.history["loss"][-1]))
+      point.update(minutes=trained_s / 60, steps=step, loss=loss)
       result["checkpoints"].append(point)
       if parity is None and point["rate_vs_jpeg"] <= 0:
         parity = point["minutes"]
@@ -198,10 +214,13 @@ def main(argv=None):
       result["jpeg_parity_minutes"] = parity
       with open(out, "w") as f:
         json.dump(result, f, indent=1)
+  if "diverged" in result:
+    print(f"wrote {out} and {plot(known.output_dir)}")
+    return 1
   print(f"JPEG parity (rate vs JPEG <= 0): "
         f"{'after %.1f training minutes' % parity if parity is not None else 'not reached'}")
   print(f"wrote {out} and {plot(known.output_dir)}")
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -47,3 +47,16 @@ def test_convergence_budget_checkpoints_and_jpeg_comparison(tmp_path, capsys):
       assert abs(point["rate_vs_jpeg"] - expected) < 1e-6
   assert (tmp_path / "convergence.png").stat().st_size > 0
   assert "JPEG parity" in capsys.readouterr().out
+
+
+def test_convergence_stops_and_reports_a_diverged_run(tmp_path, capsys):
+  # A learning rate of 1e30 without clipping blows the weights up on the first update.
+  status = convergence.main(["--model", "bls2017", "--preset", "smoke", "--minutes", "0.02",
+                             "--eval_every", "0.01", "--output_dir", str(tmp_path), "--label", "wild", "--",
+                             "--num_filters", "8", "--lr_schedule", "constant", "--learning_rate", "1e30",
+                             "--clipnorm", "0"])
+  assert status == 1
+  run = json.loads((tmp_path / "bls2017-wild.json").read_text())
+  assert run["checkpoints"] == [] and run["diverged"]["steps"] > 0
+  out = capsys.readouterr().out
+  assert "diverged" in out and "JPEG parity" not in out
