@@ -27,6 +27,20 @@ def test_presets_and_job_flags():
   assert low[-4:] == ["--num_filters", "128", "--latent_depth", "192"]
 
 
+def test_train_values_given_per_model_reach_each_models_jobs():
+  cpu = sweep.load_presets()["cpu"]
+  flags = {}
+  for model in ("bls2017", "bmshj2018"):
+    argv = sweep.train_argv(cpu, model, 0.015, {})
+    flags[model] = {k: argv[argv.index(k) + 1] for k in ("--batch_size", "--learning_rate", "--epochs")}
+    assert not any("{" in a for a in argv), argv  # a dict never leaks into a flag
+  assert flags["bls2017"] == {"--batch_size": "8", "--learning_rate": "0.001", "--epochs": "20"}
+  assert flags["bmshj2018"] == {"--batch_size": "4", "--learning_rate": "0.002", "--epochs": "14"}
+  # A command-line override replaces the per-model value for every model.
+  argv = sweep.train_argv(cpu, "bmshj2018", 0.015, {"batch_size": 16})
+  assert argv[argv.index("--batch_size") + 1] == "16"
+
+
 def test_shards_partition_the_jobs():
   every = sweep.jobs(("a", "b"), (1, 2, 3), (0, 1))
   shards = [sweep.jobs(("a", "b"), (1, 2, 3), (i, 4)) for i in range(4)]
