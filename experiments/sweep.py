@@ -63,10 +63,9 @@ def model_flags(preset, model, lmbda):
   return list(flags)
 
 
-def warm_argv(argv, preset, model, source):
+def warm_argv(argv, preset, source):
   """`argv` of a job started from the model in `source`, for the preset's fraction of the epochs."""
-  epochs = preset["train"]["epochs"]
-  epochs = epochs[model] if isinstance(epochs, dict) else epochs
+  epochs = int(argv[argv.index("--epochs") + 1])  # as train_argv resolved it for this model
   warm = max(1, round(epochs * preset.get("warm_start_fraction", 1.0)))
   argv = list(argv)
   argv[argv.index("--epochs") + 1] = str(warm)
@@ -180,7 +179,7 @@ def main(argv=None):
       continue
     source = warm_source(models_dir, preset, model, lmbda, lambdas) if warm else None
     if source:
-      argv = warm_argv(argv, preset, model, source)
+      argv = warm_argv(argv, preset, source)
     if is_done(directory, argv):
       print(f"[{i + 1}/{len(todo)}] {model} lambda {lmbda:g}: finished before, skipped", flush=True)
       continue

@@ -63,7 +63,7 @@ def test_warm_order_starts_in_the_middle_and_goes_outwards():
 def test_warm_jobs_train_a_fraction_of_the_epochs_from_their_neighbour():
   preset = sweep.load_presets()["cpu"]
   argv = sweep.train_argv(preset, "bls2017", 0.05, {})
-  warm = sweep.warm_argv(argv, preset, "bls2017", "models/x/bls2017-lambda0.015")
+  warm = sweep.warm_argv(argv, preset, "models/x/bls2017-lambda0.015")
   assert warm[warm.index("--epochs") + 1] == str(round(20 * preset["warm_start_fraction"]))
   assert warm[-2:] == ["--init_from", "models/x/bls2017-lambda0.015"]
 
