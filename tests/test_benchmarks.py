@@ -60,3 +60,19 @@ def test_convergence_stops_and_reports_a_diverged_run(tmp_path, capsys):
   assert run["checkpoints"] == [] and run["diverged"]["steps"] > 0
   out = capsys.readouterr().out
   assert "diverged" in out and "JPEG parity" not in out
+
+
+def test_the_budget_clock_counts_steps_not_the_fits_start_up(monkeypatch):
+  clock = convergence.StepClock()
+  clock.on_train_begin()
+  # A first step that ends 30 s after the fit began (tracing), then three steps of 0.5 s.
+  times = iter([30.0, 30.5, 31.0, 31.5])
+  monkeypatch.setattr(convergence.time, "perf_counter", lambda: next(times))
+  for batch in range(4):
+    clock.on_train_batch_end(batch, {"loss": 1.0})
+  assert clock.seconds(wall=31.5) == 2.0  # four steps at 0.5 s, not 31.5 s
+  single = convergence.StepClock()
+  single.on_train_begin()
+  monkeypatch.setattr(convergence.time, "perf_counter", lambda: 7.0)
+  single.on_train_batch_end(0, {"loss": 1.0})
+  assert single.seconds(wall=7.25) == 7.25  # one step: nothing to measure the pace by
