@@ -30,28 +30,6 @@ TILE = 16
 HALO = 2
 
 
-# Above this, a gradient's square may overflow float32 in the global norm that clipping computes
-# (its sum of squares reaches inf for ~1e19, or less with many elements), and clipping by an
-# infinite norm turns every gradient into NaN: a single exploding step would end the run.
-HUGE_GRADIENT = 1e15
-
-
-def bound_for_clipping(grads):
-  """`grads` scaled by one common factor so that none exceeds HUGE_GRADIENT in magnitude.
-
-  Clipping by the global norm keeps only the direction of a gradient whose norm is above the clip,
-  and a common factor keeps that direction (the scaled norm stays >= HUGE_GRADIENT, far above any
-  clip): the clipped gradients are those of exact arithmetic, but finite. Gradients below the bound
-  are left exactly as they are (scaled by 1.0); non-finite ones stay non-finite.
-  """
-  present = [g for g in grads if g is not None]
-  if not present:
-    return grads
-  largest = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(tf.convert_to_tensor(g))) for g in present]))
-  scale = tf.where(largest > HUGE_GRADIENT, HUGE_GRADIENT / largest, tf.ones_like(largest))
-  return [None if g is None else tf.convert_to_tensor(g) * tf.cast(scale, g.dtype) for g in grads]
-
-
 def enable_determinism(seed=0):
   """TensorFlow's op determinism, and every random seed (Python, NumPy, TensorFlow) set to `seed`.
 
@@ -178,8 +156,6 @@ class CompressionModel(tf.keras.Model):
       # Replicas' gradients are summed: scale each replica's mean loss to get the global mean.
       loss = terms["loss"] / tf.distribute.get_strategy().num_replicas_in_sync
     grads = tape.gradient(loss, self.trainable_variables)
-    if self.optimizer.global_clipnorm:
-      grads = bound_for_clipping(grads)
     self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
     return self._update(terms, x)
 

@@ -93,6 +93,41 @@ class WarmupCosine(tf.keras.optimizers.schedules.LearningRateSchedule):
     return dict(peak=self.peak, total=self.total, warmup=self.warmup, final=self.final)
 
 
+# Above this, a gradient's square may overflow float32 in the global norm that clipping computes
+# (its sum of squares reaches inf for ~1e19, or less with many elements), and clipping by an
+# infinite norm turns every gradient into NaN: a single exploding step would end the run.
+HUGE_GRADIENT = 1e15
+
+
+def bound_for_clipping(grads):
+  """`grads` scaled by one common factor so that none exceeds HUGE_GRADIENT in magnitude.
+
+  Clipping by the global norm keeps only the direction of a gradient whose norm is above the clip,
+  and a common factor keeps that direction (the scaled norm stays >= HUGE_GRADIENT, far above any
+  clip): the clipped gradients are those of exact arithmetic, but finite. Gradients below the bound
+  are left exactly as they are (scaled by 1.0); non-finite ones stay non-finite.
+  """
+  present = [g for g in grads if g is not None]
+  if not present:
+    return grads
+  largest = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(tf.convert_to_tensor(g))) for g in present]))
+  scale = tf.where(largest > HUGE_GRADIENT, HUGE_GRADIENT / largest, tf.ones_like(largest))
+  return [None if g is None else tf.convert_to_tensor(g) * tf.cast(scale, g.dtype) for g in grads]
+
+
+class Adam(tf.keras.optimizers.Adam):
+  """Keras' Adam, whose global-norm clipping survives gradients that overflow its norm.
+
+  Keras clips after summing the replicas' gradients; bounding them there too keeps the clipped
+  direction that of the summed gradient under tf.distribute.
+  """
+
+  def _clip_gradients(self, grads):
+    if self.global_clipnorm and self.global_clipnorm > 0:
+      grads = bound_for_clipping(grads)
+    return super()._clip_gradients(grads)
+
+
 def make_optimizer(args, total_steps, model=None):
   """Adam under the training recipe of args (see README: training recipe).
 
@@ -107,7 +142,7 @@ def make_optimizer(args, total_steps, model=None):
   else:
     rate = args.learning_rate
   clipnorm = getattr(args, "clipnorm", 0) or getattr(model, "GLOBAL_CLIPNORM", None) or None
-  return tf.keras.optimizers.Adam(learning_rate=rate, global_clipnorm=clipnorm)
+  return Adam(learning_rate=rate, global_clipnorm=clipnorm)
 
 
 def restore_weights(model, source_dir, build):
