@@ -92,26 +92,6 @@ def evaluate(script, args, config, weights_path, images, anchors):
               db_vs_jpeg=(float(np.mean(gains)) if gains else math.nan), images=rows)
 
 
-def probe_step_time(script, args, steps=40, warmup=5):
-  """Mean seconds of a training step, on a throwaway copy of the model.
-
-  The mean of a run of consecutive steps, end to end: a budget pays for the slow steps too, and a
-  median of a few steps came out up to a fifth below what the real runs then took.
-  """
-  model = script.build_model(args)
-  model.compile(optimizer=training.make_optimizer(args, 1000, model))
-  ends = []
-
-  class Timer(tf.keras.callbacks.Callback):
-    def on_train_batch_end(self, batch, logs=None):
-      float(logs["loss"])  # wait for the step to finish
-      ends.append(time.perf_counter())
-
-  ds = data.train_dataset(args.dataset, args.patch_size, args.batch_size, train_glob=args.train_glob)
-  model.fit(ds, epochs=1, steps_per_epoch=warmup + steps, callbacks=[Timer()], verbose=0)
-  return (ends[-1] - ends[warmup - 1]) / steps
-
-
 class StepClock(tf.keras.callbacks.Callback):
   """Training seconds of one fit: its steps from the end of the first to the end of the last,
   scaled by n / (n - 1) to count the first step at the pace of the others."""
@@ -128,6 +108,20 @@ class StepClock(tf.keras.callbacks.Callback):
     if len(self.ends) < 2:
       return wall
     return (self.ends[-1] - self.ends[0]) * len(self.ends) / (len(self.ends) - 1)
+
+
+def probe_step_time(script, args, steps=40, warmup=5):
+  """Mean seconds of a training step, on a throwaway copy of the model.
+
+  The mean of a run of consecutive steps, end to end: a budget pays for the slow steps too, and a
+  median of a few steps came out up to a fifth below what the real runs then took.
+  """
+  model = script.build_model(args)
+  model.compile(optimizer=training.make_optimizer(args, 1000, model))
+  clock = StepClock()
+  ds = data.train_dataset(args.dataset, args.patch_size, args.batch_size, train_glob=args.train_glob)
+  model.fit(ds, epochs=1, steps_per_epoch=warmup + steps, callbacks=[clock], verbose=0)
+  return (clock.ends[-1] - clock.ends[warmup - 1]) / steps
 
 
 def finite(loss, model):
