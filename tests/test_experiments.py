@@ -32,13 +32,10 @@ def test_train_values_given_per_model_reach_each_models_jobs():
   flags = {}
   for model in ("bls2017", "bmshj2018"):
     argv = sweep.train_argv(cpu, model, 0.015, {})
-    flags[model] = {k: argv[argv.index(k) + 1]
-                    for k in ("--patch_size", "--batch_size", "--learning_rate", "--epochs")}
+    flags[model] = {k: argv[argv.index(k) + 1] for k in ("--batch_size", "--learning_rate", "--epochs")}
     assert not any("{" in a for a in argv), argv  # a dict never leaks into a flag
-  assert flags["bls2017"] == {"--patch_size": "128", "--batch_size": "8", "--learning_rate": "0.001",
-                              "--epochs": "20"}
-  assert flags["bmshj2018"] == {"--patch_size": "192", "--batch_size": "2", "--learning_rate": "0.002",
-                                "--epochs": "14"}
+  assert flags["bls2017"] == {"--batch_size": "8", "--learning_rate": "0.001", "--epochs": "20"}
+  assert flags["bmshj2018"] == {"--batch_size": "4", "--learning_rate": "0.002", "--epochs": "14"}
   # A command-line override replaces the per-model value for every model.
   argv = sweep.train_argv(cpu, "bmshj2018", 0.015, {"batch_size": 16})
   assert argv[argv.index("--batch_size") + 1] == "16"
