@@ -79,6 +79,26 @@ def test_cross_process_round_trip_is_exact(trained, odd_image, tmp_path):
   assert psnr == pytest.approx(metrics.psnr(np.asarray(Image.open(odd_image)), in_process), abs=0.006)
 
 
+def test_decompress_does_not_import_tensorflow_probability(trained, tmp_path):
+  # tensorflow-compression is needed for its range-coding ops only; importing it whole imports
+  # tensorflow-probability, a second of every command (utils/codec.py).
+  lic, png = tmp_path / "x.lic", tmp_path / "x.png"
+  lic.write_bytes(codec.Codec(trained.model_path).encode(natural_image(20, 30, 7))[0])
+  script = f"""
+import sys
+import {trained.name} as script
+from utils import cli
+argv = ["decompress", {str(lic)!r}, {str(png)!r}, "--model_path", {trained.model_path!r}]
+assert cli.main({trained.name!r}, script.build_model, script.add_model_flags, argv) == 0
+print(sorted(m for m in sys.modules if m.startswith(("tensorflow_probability", "tensorflow_compression."))))
+"""
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip().splitlines()[-1] == "[]"
+  assert np.asarray(Image.open(png)).shape == (20, 30, 3)
+
+
 def test_saved_model_codes_without_the_python_class(trained, tmp_path):
   model_path = trained.model_path
   image = natural_image(20, 30, 7)

@@ -1,7 +1,7 @@
 """A trained model as a codec: export to a SavedModel, load it back without the Python class, and
 turn images into files and files into images through utils.bitstream."""
 import contextlib
-import importlib.util
+import importlib.machinery
 import json
 import os
 import threading
@@ -21,8 +21,10 @@ def _register_range_coding_ops():
   Importing the package would do it too, but it imports tensorflow-probability with it: about a
   second of every `compress` and `decompress`. The path is spelled as the package's own `gen_ops`
   spells it, so an `import tensorflow_compression` before or after (training) loads it once.
+  The package is looked up on sys.path, not through sys.modules: there the model scripts keep it
+  as a lazy module (utils.lazy_import), which reading its __spec__ would import whole.
   """
-  spec = importlib.util.find_spec("tensorflow_compression")
+  spec = importlib.machinery.PathFinder.find_spec("tensorflow_compression")
   if spec is None:
     raise ImportError("tensorflow-compression is not installed (pip install -r requirements.txt)")
   ops_dir = os.path.join(spec.submodule_search_locations[0], "python", "ops")
