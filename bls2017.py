@@ -19,31 +19,29 @@ import tensorflow as tf
 tfc = utils.lazy_import("tensorflow_compression")
 
 from utils import cli
-from utils.model import CompressionModel, float64_twin
+from utils.model import CompressionModel, Float64Synthesis
 
 
-def analysis_transform(num_filters, dtype="float32"):
+def analysis_transform(num_filters):
   conv = lambda k, s, name, act: tf.keras.layers.Conv2D(
-      num_filters, k, strides=s, padding="same", use_bias=True, activation=act, name=name,
-      dtype=dtype)
+      num_filters, k, strides=s, padding="same", use_bias=True, activation=act, name=name)
   return tf.keras.Sequential([
-      tf.keras.layers.Rescaling(1 / 255, dtype=dtype),
-      conv(9, 4, "layer_0", tfc.GDN(name="gdn_0", dtype=dtype)),
-      conv(5, 2, "layer_1", tfc.GDN(name="gdn_1", dtype=dtype)),
+      tf.keras.layers.Rescaling(1 / 255),
+      conv(9, 4, "layer_0", tfc.GDN(name="gdn_0")),
+      conv(5, 2, "layer_1", tfc.GDN(name="gdn_1")),
       conv(5, 2, "layer_2", None),
   ], name="analysis")
 
 
-def synthesis_transform(num_filters, dtype="float32"):
+def synthesis_transform(num_filters):
   deconv = lambda filters, k, s, name, act: tf.keras.layers.Conv2DTranspose(
-      filters, k, strides=s, padding="same", use_bias=True, activation=act, name=name,
-      dtype=dtype)
+      filters, k, strides=s, padding="same", use_bias=True, activation=act, name=name)
   return tf.keras.Sequential([
-      deconv(num_filters, 5, 2, "layer_0", tfc.GDN(inverse=True, name="igdn_0", dtype=dtype)),
-      deconv(num_filters, 5, 2, "layer_1", tfc.GDN(inverse=True, name="igdn_1", dtype=dtype)),
+      deconv(num_filters, 5, 2, "layer_0", tfc.GDN(inverse=True, name="igdn_0")),
+      deconv(num_filters, 5, 2, "layer_1", tfc.GDN(inverse=True, name="igdn_1")),
       deconv(3, 9, 4, "layer_2", None),
-      tf.keras.layers.Rescaling(255, dtype=dtype),
-  ], name="synthesis" if dtype == "float32" else "synthesis_" + dtype)
+      tf.keras.layers.Rescaling(255),
+  ], name="synthesis")
 
 
 class BLS2017Model(CompressionModel):
@@ -74,8 +72,7 @@ class BLS2017Model(CompressionModel):
 
   def build_coding_tables(self):
     self.coding_model = self._entropy_model(True)
-    self.synthesis64 = float64_twin(lambda dtype: synthesis_transform(self.num_filters, dtype),
-                                    self.synthesis, self.num_filters)
+    self.synthesis64 = Float64Synthesis(self.synthesis, name="synthesis64")
 
   def encode(self, x):
     y = self.analysis(x)

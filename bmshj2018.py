@@ -25,46 +25,46 @@ tfc = utils.lazy_import("tensorflow_compression")
 from utils import cli
 from utils.entropy_models import coding_indexes, factorized, gaussian_conditional
 from utils.exact import IntegerConvStack
-from utils.model import CompressionModel, float64_twin
+from utils.model import CompressionModel, Float64Synthesis
 
-def _conv(filters, kernel, stride, activation, dtype, transpose=False):
+def _conv(filters, kernel, stride, activation, transpose=False):
   cls = tf.keras.layers.Conv2DTranspose if transpose else tf.keras.layers.Conv2D
-  return cls(filters, kernel, strides=stride, padding="same", activation=activation, dtype=dtype)
+  return cls(filters, kernel, strides=stride, padding="same", activation=activation)
 
 
-def analysis_transform(num_filters, latent_depth, dtype="float32"):
+def analysis_transform(num_filters, latent_depth):
   return tf.keras.Sequential([
-      tf.keras.layers.Rescaling(1 / 255, dtype=dtype),
-      _conv(num_filters, 5, 2, tfc.GDN(dtype=dtype), dtype),
-      _conv(num_filters, 5, 2, tfc.GDN(dtype=dtype), dtype),
-      _conv(num_filters, 5, 2, tfc.GDN(dtype=dtype), dtype),
-      _conv(latent_depth, 5, 2, None, dtype),
+      tf.keras.layers.Rescaling(1 / 255),
+      _conv(num_filters, 5, 2, tfc.GDN()),
+      _conv(num_filters, 5, 2, tfc.GDN()),
+      _conv(num_filters, 5, 2, tfc.GDN()),
+      _conv(latent_depth, 5, 2, None),
   ], name="analysis")
 
 
-def synthesis_transform(num_filters, dtype="float32"):
+def synthesis_transform(num_filters):
   return tf.keras.Sequential([
-      _conv(num_filters, 5, 2, tfc.GDN(inverse=True, dtype=dtype), dtype, transpose=True),
-      _conv(num_filters, 5, 2, tfc.GDN(inverse=True, dtype=dtype), dtype, transpose=True),
-      _conv(num_filters, 5, 2, tfc.GDN(inverse=True, dtype=dtype), dtype, transpose=True),
-      _conv(3, 5, 2, None, dtype, transpose=True),
-      tf.keras.layers.Rescaling(255, dtype=dtype),
-  ], name="synthesis" if dtype == "float32" else "synthesis_" + dtype)
+      _conv(num_filters, 5, 2, tfc.GDN(inverse=True), transpose=True),
+      _conv(num_filters, 5, 2, tfc.GDN(inverse=True), transpose=True),
+      _conv(num_filters, 5, 2, tfc.GDN(inverse=True), transpose=True),
+      _conv(3, 5, 2, None, transpose=True),
+      tf.keras.layers.Rescaling(255),
+  ], name="synthesis")
 
 
 def hyper_analysis_transform(num_filters):
   return tf.keras.Sequential([
-      _conv(num_filters, 3, 1, "relu", "float32"),
-      _conv(num_filters, 5, 2, "relu", "float32"),
-      _conv(num_filters, 5, 2, None, "float32"),
+      _conv(num_filters, 3, 1, "relu"),
+      _conv(num_filters, 5, 2, "relu"),
+      _conv(num_filters, 5, 2, None),
   ], name="hyper_analysis")
 
 
 def hyper_synthesis_transform(num_filters, latent_depth):
   return tf.keras.Sequential([
-      _conv(num_filters, 5, 2, "relu", "float32", transpose=True),
-      _conv(num_filters, 5, 2, "relu", "float32", transpose=True),
-      _conv(latent_depth, 3, 1, None, "float32", transpose=True),
+      _conv(num_filters, 5, 2, "relu", transpose=True),
+      _conv(num_filters, 5, 2, "relu", transpose=True),
+      _conv(latent_depth, 3, 1, None, transpose=True),
   ], name="hyper_synthesis")
 
 
@@ -98,8 +98,7 @@ class BMSHJ2018Model(CompressionModel):
     self.z_model = factorized(self.hyperprior, True)
     self.y_model = gaussian_conditional(True)
     self.exact_hyper_synthesis = IntegerConvStack(self.hyper_synthesis.layers, name="exact_hs")
-    self.synthesis64 = float64_twin(lambda dtype: synthesis_transform(self.num_filters, dtype),
-                                    self.synthesis, self.latent_depth)
+    self.synthesis64 = Float64Synthesis(self.synthesis, name="synthesis64")
 
   def scale_indexes(self, z_hat):
     """Table index of every latent's scale, bit-exact on any machine (see utils/exact.py)."""

@@ -32,13 +32,12 @@ tfc = utils.lazy_import("tensorflow_compression")
 from utils import cli, exact
 from utils.entropy_models import coding_indexes, factorized, gaussian_conditional
 from utils.errors import UserError
-from utils.model import CompressionModel, float64_twin
+from utils.model import CompressionModel, Float64Synthesis
 
 
-def _conv(filters, kernel, stride=1, activation=None, transpose=False, dtype="float32", name=None):
+def _conv(filters, kernel, stride=1, activation=None, transpose=False, name=None):
   cls = tf.keras.layers.Conv2DTranspose if transpose else tf.keras.layers.Conv2D
-  return cls(filters, kernel, strides=stride, padding="same", activation=activation, dtype=dtype,
-             name=name)
+  return cls(filters, kernel, strides=stride, padding="same", activation=activation, name=name)
 
 
 class ResBlock(tf.keras.layers.Layer):
@@ -74,14 +73,14 @@ def stem(num_filters):
   ], name="stem")
 
 
-def synthesis_transform(num_filters, dtype="float32"):
+def synthesis_transform(num_filters):
   return tf.keras.Sequential([
-      _conv(num_filters, 5, 2, tfc.GDN(inverse=True, dtype=dtype), True, dtype),
-      _conv(num_filters, 5, 2, tfc.GDN(inverse=True, dtype=dtype), True, dtype),
-      _conv(num_filters, 5, 2, tfc.GDN(inverse=True, dtype=dtype), True, dtype),
-      _conv(3, 5, 2, None, True, dtype),
-      tf.keras.layers.Rescaling(255, dtype=dtype),
-  ], name="synthesis" if dtype == "float32" else "synthesis_" + dtype)
+      _conv(num_filters, 5, 2, tfc.GDN(inverse=True), True),
+      _conv(num_filters, 5, 2, tfc.GDN(inverse=True), True),
+      _conv(num_filters, 5, 2, tfc.GDN(inverse=True), True),
+      _conv(3, 5, 2, None, True),
+      tf.keras.layers.Rescaling(255),
+  ], name="synthesis")
 
 
 def level_strides(levels):
@@ -186,8 +185,7 @@ class HCAEModel(CompressionModel):
     ex.merge = [exact.ExactConv(m) for m in self.merge]
     ex.out_block = ExactResBlock(self.out_block)
     self.exact = ex
-    self.synthesis64 = float64_twin(lambda dtype: synthesis_transform(self.num_filters, dtype),
-                                    self.synthesis, self.num_filters)
+    self.synthesis64 = Float64Synthesis(self.synthesis, name="synthesis64")
 
   def _exact_prior(self, level, state):
     """Fixed-point state -> (mean as a real dyadic number, integer table indexes), bit-exact."""

@@ -89,13 +89,75 @@ def test_sizes_are_bounded_and_encodings_unique():
     bitstream.unpack(bytes(body))
 
 
+def _synthesis(name, channels=5):
+  """The model's float32 synthesis with perturbed weights (GDN's initial ones are the identity)."""
+  import importlib
+  synthesis = importlib.import_module(name).synthesis_transform(4)
+  synthesis.build((None, None, None, channels))
+  rng = np.random.default_rng(1)
+  synthesis.set_weights([w + rng.normal(0, .05, w.shape).astype(w.dtype)
+                         for w in synthesis.get_weights()])
+  return synthesis
+
+
+def _as_float64(keras_model):
+  """The same Keras network in float64: its config with every float32 dtype changed."""
+  import tensorflow as tf
+  import tensorflow_compression as tfc
+
+  def float64(config):
+    if isinstance(config, dict):
+      return {k: "float64" if k == "dtype" and v == "float32" else float64(v)
+              for k, v in config.items()}
+    return [float64(v) for v in config] if isinstance(config, list) else config
+  twin = tf.keras.Sequential.from_config(float64(keras_model.get_config()),
+                                         custom_objects={"GDN": tfc.GDN})
+  twin.build(keras_model.input_shape)
+  twin.set_weights([w.astype("float64") for w in keras_model.get_weights()])
+  assert {layer.dtype for layer in twin.layers} == {"float64"}
+  return twin
+
+
+@pytest.mark.parametrize("name", ["bls2017", "bmshj2018", "hcae"])
+def test_float64_synthesis_is_the_keras_network_in_float64(name):
+  synthesis = _synthesis(name)
+  mine = model_lib.Float64Synthesis(synthesis)
+  assert mine.input_channels == 5
+  assert [w.dtype for w in mine.weights] == ["float64"] * len(synthesis.weights)
+  for copy, source in zip(mine.weights, synthesis.get_weights()):
+    np.testing.assert_array_equal(copy.numpy(), source.astype("float64"))
+  latents = np.round(np.random.default_rng(0).normal(0, 3, (1, 5, 7, 5)))  # decoders' are integers
+  expected = _as_float64(synthesis)(latents).numpy()
+  got = mine(latents).numpy()
+  assert got.dtype == np.float64 and got.shape == expected.shape
+  np.testing.assert_array_equal(got, expected)
+  # and the float32 network computes the same up to float32 rounding
+  np.testing.assert_allclose(synthesis(latents).numpy(), got, rtol=1e-4, atol=1e-3)
+
+
+def test_float64_synthesis_refuses_layers_it_does_not_compute():
+  import tensorflow as tf
+  import tensorflow_compression as tfc
+  cases = {
+      "Conv2D": [tf.keras.layers.Conv2D(3, 3, padding="same")],
+      "only undilated 'same'": [tf.keras.layers.Conv2DTranspose(3, 3, 2, padding="valid")],
+      "with a bias": [tf.keras.layers.Conv2DTranspose(3, 3, 2, padding="same", use_bias=False)],
+      "not an inverse GDN": [tf.keras.layers.Conv2DTranspose(3, 3, 2, padding="same",
+                                                             activation=tfc.GDN())],
+      "alpha = epsilon = 1": [tf.keras.layers.Conv2DTranspose(
+          3, 3, 2, padding="same", activation=tfc.GDN(inverse=True, alpha_parameter=2.))],
+  }
+  for message, layers in cases.items():
+    network = tf.keras.Sequential(layers)
+    network.build((None, None, None, 2))
+    with pytest.raises(TypeError, match=message):
+      model_lib.Float64Synthesis(network)
+
+
 @pytest.mark.parametrize("name", ["bls2017", "bmshj2018", "hcae"])
 def test_tiled_synthesis_equals_the_whole(name):
-  import importlib
-  module = importlib.import_module(name)
-  synthesis = module.synthesis_transform(4, "float64")
-  synthesis.build((None, None, None, 5))
-  latents = np.random.default_rng(0).normal(0, 3, (1, 5, 7, 5))
+  synthesis = model_lib.Float64Synthesis(_synthesis(name))
+  latents = np.round(np.random.default_rng(0).normal(0, 3, (1, 5, 7, 5)))
   whole = model_lib.to_uint8(synthesis(latents))[0].numpy()
   tiled = model_lib.tiled_synthesis(synthesis, latents, tile=2).numpy()
   np.testing.assert_array_equal(tiled, whole)

@@ -8,7 +8,8 @@ A model script subclasses CompressionModel and supplies only its paper's parts:
   encode(x)                        padded image -> ([string tensor (1,)], [estimated bits (1,)])
   decode(strings, padded_shape)    the strings and the padded image's (h, w) -> the float64 input of
                                    `synthesis64` (entropy decoding and exact networks only)
-  synthesis64                      the float64 twin of the synthesis, upsampling 16x (SYNTHESIS_FACTOR)
+  synthesis64                      the float64 twin of the synthesis (Float64Synthesis), upsampling
+                                   16x (SYNTHESIS_FACTOR)
 """
 import tensorflow as tf
 
@@ -54,17 +55,79 @@ def pad_to_multiple(x, multiple):
   return tf.concat([x, tf.repeat(x[:, :, -1:], pad_w, axis=2)], axis=2)
 
 
-def float64_twin(build, source, input_channels):
-  """A float64 copy of the Keras network `source`, made by `build(dtype)` and given its weights.
+class Float64Synthesis(tf.Module):
+  """The float64 twin of a Keras synthesis that decoders run, written in plain TensorFlow ops.
 
-  Decoders run their synthesis through this twin: float64 convolutions take the same (Eigen) kernels
-  whether oneDNN is on or off, so a decode is bit-identical across those settings, and on other
-  machines the float64 error (~1e-12 of a pixel) makes a flipped uint8 rounding practically never happen.
+  `source` is a Sequential of 'same' Conv2DTranspose layers (no activation, or tensorflow-
+  compression's inverse GDN with its fixed alpha = epsilon = 1) and Rescaling layers. float64
+  convolutions take the same (Eigen) kernels whether oneDNN is on or off, so a decode is
+  bit-identical across those settings, and on other machines the float64 error (~1e-12 of a pixel)
+  makes a flipped uint8 rounding practically never happen.
+
+  The ops are the ones the Keras layers run in float64, on the same values, so the pixels are the
+  same bits as those of a float64 copy of the Keras network; what differs is the exported graph.
+  tfc's GDN layer branches on alpha and epsilon with tf.conds (which a SavedModel holds as about a
+  hundred functions, deserialized at every load and instantiated at the first decode) and bounds
+  beta and gamma through custom gradients; here the bound is the tf.maximum that custom gradient
+  computes forward. The variables are the float64 copies of the source's, in its order (kernel,
+  bias, beta's and gamma's reparameterizations of each layer): they enter the model's fingerprint.
   """
-  twin = build("float64")
-  twin.build((None, None, None, input_channels))
-  twin.set_weights([w.astype("float64") for w in source.get_weights()])
-  return twin
+
+  def __init__(self, source, name=None):
+    super().__init__(name=name)
+    self.input_channels = source.input_shape[-1]
+    self._steps = []  # ("conv", filters, strides, kernel, bias) | ("igdn", ...) | ("rescale", ...)
+    weights = []
+
+    def copy(variable):
+      weights.append(tf.Variable(variable.numpy().astype("float64"), trainable=False))
+      return weights[-1]
+
+    for layer in source.layers:
+      if isinstance(layer, tf.keras.layers.Rescaling):
+        self._steps.append(("rescale", float(layer.scale), float(layer.offset)))
+        continue
+      if type(layer) is not tf.keras.layers.Conv2DTranspose:
+        raise TypeError(f"cannot make {layer.name} ({type(layer).__name__}) float64")
+      if (layer.padding != "same" or tuple(layer.dilation_rate) != (1, 1)
+          or layer.output_padding is not None or not layer.use_bias):
+        raise TypeError(f"{layer.name}: only undilated 'same' transposed convolutions with a bias")
+      self._steps.append(("conv", layer.filters, (1,) + tuple(layer.strides) + (1,),
+                          copy(layer.kernel), copy(layer.bias)))
+      gdn = layer.activation
+      if gdn is None or gdn is tf.keras.activations.linear:
+        continue
+      if (not getattr(gdn, "inverse", False) or gdn.rectify or callable(gdn.alpha_parameter)
+          or callable(gdn.epsilon_parameter) or float(gdn.alpha) != 1 or float(gdn.epsilon) != 1):
+        raise TypeError(f"{layer.name}: activation {getattr(gdn, 'name', gdn)!r} is not an inverse "
+                        "GDN with alpha = epsilon = 1")
+      self._steps.append(("igdn",) + tuple(
+          (copy(p.variable), p.offset ** 2, (p.minimum + p.offset ** 2) ** .5)
+          for p in (gdn.beta_parameter, gdn.gamma_parameter)))
+    self.weights = weights
+
+  @staticmethod
+  def _bounded(reparam, pedestal, bound):
+    return tf.math.square(tf.maximum(reparam, tf.constant(bound, tf.float64))) - pedestal
+
+  def __call__(self, x):
+    x = tf.convert_to_tensor(x, tf.float64)
+    for kind, *args in self._steps:
+      if kind == "conv":
+        filters, strides, kernel, bias = args
+        shape = tf.shape(x)
+        out_shape = tf.stack([shape[0], shape[1] * strides[1], shape[2] * strides[2], filters])
+        x = tf.nn.conv2d_transpose(x, kernel, out_shape, strides, padding="SAME")
+        x = tf.nn.bias_add(x, bias)
+      elif kind == "igdn":
+        beta, gamma = self._bounded(*args[0]), self._bounded(*args[1])
+        pool = tf.nn.convolution(tf.abs(x), tf.reshape(gamma, [1, 1] + gamma.shape.as_list()),
+                                 padding="VALID")
+        x = x * tf.nn.bias_add(pool, beta)
+      else:
+        scale, offset = args
+        x = x * tf.constant(scale, tf.float64) + tf.constant(offset, tf.float64)
+    return x
 
 
 def to_uint8(x):
@@ -208,6 +271,6 @@ class CompressionModel(tf.keras.Model):
 
   def synthesize_function(self):
     """`synthesize` as a tf.function with a fixed signature, for the SavedModel."""
-    channels = self.synthesis64.input_shape[-1]
+    channels = self.synthesis64.input_channels
     return tf.function(self.synthesize, input_signature=[
         tf.TensorSpec((1, None, None, channels), tf.float64), tf.TensorSpec((2,), tf.int32)])
