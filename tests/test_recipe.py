@@ -114,3 +114,15 @@ def test_warm_start_from_another_shape_fails_before_training(trained, tmp_path, 
   assert not (tmp_path / "other").exists()
   with pytest.raises(UserError, match="not a model directory"):
     training.check_warm_start(str(tmp_path), {"codec": trained.name, "lambda": 1.0})
+
+
+def test_bmshj2018_scales_start_near_one_not_at_the_smallest():
+  import bmshj2018
+  from utils.entropy_models import scale_fn
+  model = bmshj2018.BMSHJ2018Model(0.01, num_filters=8, latent_depth=6)
+  z_hat = tf.zeros((1, 2, 3, 8))
+  np.testing.assert_array_equal(model.hyper_synthesis(z_hat).numpy(), bmshj2018.INITIAL_SCALE_INDEX)
+  assert 0.9 < float(scale_fn(bmshj2018.INITIAL_SCALE_INDEX)) < 1.1
+  # The coder's exact twin of the hyper-synthesis starts at the same table entry.
+  model.build_coding_tables()
+  np.testing.assert_array_equal(model.scale_indexes(z_hat).numpy(), bmshj2018.INITIAL_SCALE_INDEX)
