@@ -27,13 +27,6 @@ from utils.entropy_models import coding_indexes, factorized, gaussian_conditiona
 from utils.exact import IntegerConvStack
 from utils.model import CompressionModel, Float64Synthesis
 
-# Where the hyper-synthesis' scale indexes start: scale_fn(18) = 1.01. With Keras' zero bias every
-# latent starts at index 0, the table's smallest scale (0.11), where a nonzero y costs about 18
-# bits. Starting near 1, a 30-minute cpu-preset run was at +6.1 % against JPEG after 28 minutes
-# where one from index 0 ended at +16.8 % after 27.4 (one run each; README, "Benchmarks").
-INITIAL_SCALE_INDEX = 18.0
-
-
 def _conv(filters, kernel, stride, activation, transpose=False, **kwargs):
   cls = tf.keras.layers.Conv2DTranspose if transpose else tf.keras.layers.Conv2D
   return cls(filters, kernel, strides=stride, padding="same", activation=activation, **kwargs)
@@ -65,6 +58,13 @@ def hyper_analysis_transform(num_filters):
       _conv(num_filters, 5, 2, "relu"),
       _conv(num_filters, 5, 2, None),
   ], name="hyper_analysis")
+
+
+# Where the hyper-synthesis' scale indexes start: scale_fn(18) = 1.01. With Keras' zero bias every
+# latent starts at index 0, the table's smallest scale (0.11), where a nonzero y costs about 18
+# bits. Starting near 1, a 30-minute cpu-preset run was at +6.1 % against JPEG after 28 minutes
+# where one from index 0 ended at +16.8 % after 27.4 (one run each; README, "Benchmarks").
+INITIAL_SCALE_INDEX = 18.0
 
 
 def hyper_synthesis_transform(num_filters, latent_depth):
