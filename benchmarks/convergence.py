@@ -171,6 +171,7 @@ def main(argv=None):
   parser.add_argument("--label", help="name of the run (default: recipe or baseline)")
   parser.add_argument("--output_dir", default=os.path.join("results", "convergence"))
   known = parser.parse_args(argv)
+  training.pool_cpu_memory()  # as `train` does
   label = known.label or ("baseline" if known.baseline else "recipe")
   script = importlib.import_module(known.model)
   model_parser, model_flags = cli.build_parser(known.model, script.add_model_flags)

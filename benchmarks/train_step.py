@@ -99,6 +99,7 @@ def main(argv=None):
                       help="then profile --profile_steps more steps: kernel time by op type")
   parser.add_argument("--profile_steps", type=int, default=3, help="steps profiled with --profile")
   known, rest = parser.parse_known_args(argv)
+  training.pool_cpu_memory()  # as `train` does (TF_CPU_ALLOCATOR_USE_BFC=false: malloc)
   script = importlib.import_module(known.model)
   model_parser, _ = cli.build_parser(known.model, script.add_model_flags)
   args = model_parser.parse_args(["train", *rest])

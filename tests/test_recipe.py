@@ -1,12 +1,16 @@
 """The training recipe: the learning-rate schedule, gradient clipping, the straight-through
-quantization proxy, and the warm start of one lambda from another (--init_from)."""
+quantization proxy, the warm start of one lambda from another (--init_from), and the pooled CPU
+memory of a training process."""
 import argparse
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import COMMON, TINY
+from conftest import COMMON, ROOT, TINY
 from utils import codec, training
 from utils.errors import UserError
 from utils.model import CompressionModel
@@ -126,3 +130,41 @@ def test_bmshj2018_scales_start_near_one_not_at_the_smallest():
   # The coder's exact twin of the hyper-synthesis starts at the same table entry.
   model.build_coding_tables()
   np.testing.assert_array_equal(model.scale_indexes(z_hat).numpy(), bmshj2018.INITIAL_SCALE_INDEX)
+
+
+
+POOLED_TRAINING = """
+import hashlib, sys
+sys.path.insert(0, {root!r})
+import bls2017
+from conftest import natural_image
+from utils import cli, codec
+status = cli.main("bls2017", bls2017.build_model, bls2017.add_model_flags, ["train", "--num_filters", "8",
+    "--patch_size", "32", "--batch_size", "2", "--epochs", "1", "--steps_per_epoch", "6", "--verbose", "0",
+    "--deterministic", "--model_path", {model_path!r}])
+import tensorflow as tf
+try:
+  tf.config.experimental.get_memory_info("CPU:0")  # only a BFC allocator keeps these statistics
+  allocator = "pooled"
+except ValueError:
+  allocator = "malloc"
+encoded, _ = codec.Codec({model_path!r}).encode(natural_image(40, 56, 7))
+print(status, allocator, hashlib.sha256(encoded).hexdigest())
+"""
+
+
+def test_training_pools_cpu_memory_unless_told_not_to_with_the_same_bits(tmp_path):
+  """The allocator changes where tensors live, not what is computed: the same seed trains the same
+  weights (the exported file's fingerprint) and codes the same file."""
+  outputs = {}
+  for setting in (None, "false"):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
+    if setting is not None:
+      env["TF_CPU_ALLOCATOR_USE_BFC"] = setting
+    code = POOLED_TRAINING.format(root=ROOT, model_path=str(tmp_path / f"model-{setting}"))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                            cwd=os.path.join(ROOT, "tests"), timeout=600)
+    outputs[setting] = result.stdout.split()[-3:]
+    assert outputs[setting][0] == "0", result.stdout + result.stderr
+  assert outputs[None][1] == "pooled" and outputs["false"][1] == "malloc"
+  assert outputs[None][2] == outputs["false"][2]
