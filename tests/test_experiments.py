@@ -30,12 +30,14 @@ def test_presets_and_job_flags():
 def test_train_values_given_per_model_reach_each_models_jobs():
   cpu = sweep.load_presets()["cpu"]
   flags = {}
-  for model in ("bls2017", "bmshj2018"):
+  keys = ("--patch_size", "--batch_size", "--learning_rate", "--epochs")
+  for model in ("bls2017", "bmshj2018", "hcae"):
     argv = sweep.train_argv(cpu, model, 0.015, {})
-    flags[model] = {k: argv[argv.index(k) + 1] for k in ("--batch_size", "--learning_rate", "--epochs")}
+    flags[model] = {k: argv[argv.index(k) + 1] for k in keys}
     assert not any("{" in a for a in argv), argv  # a dict never leaks into a flag
-  assert flags["bls2017"] == {"--batch_size": "8", "--learning_rate": "0.001", "--epochs": "20"}
-  assert flags["bmshj2018"] == {"--batch_size": "4", "--learning_rate": "0.002", "--epochs": "14"}
+  assert flags["bls2017"] == dict(zip(keys, ("128", "8", "0.001", "20")))
+  assert flags["bmshj2018"] == dict(zip(keys, ("128", "4", "0.002", "14")))
+  assert flags["hcae"] == dict(zip(keys, ("128", "4", "0.001", "12")))
   # A command-line override replaces the per-model value for every model.
   argv = sweep.train_argv(cpu, "bmshj2018", 0.015, {"batch_size": 16})
   assert argv[argv.index("--batch_size") + 1] == "16"
