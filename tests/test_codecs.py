@@ -2,6 +2,7 @@
 (oneDNN on and off in the decoder), bad files, user errors, evaluation."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ from PIL import Image
 
 from conftest import ROOT, TINY, natural_image, run_script
 from utils import bitstream, codec, metrics, rd
+from utils.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +120,49 @@ print("ok", strings.shape[0], float(bits[0]))
                        env=dict(os.environ, PYTHONPATH=""), timeout=300)
   assert out.returncode == 0, out.stderr
   assert out.stdout.startswith(f"ok {len(codec.Codec(model_path).string_names)} ")
+
+
+def test_decompress_loads_the_decoder_alone(trained, tmp_path):
+  # `decompress` loads saved_model/decoder: the decoding functions and the weights they read. It
+  # decodes what the whole model decodes, refuses to encode, and is refused when damaged.
+  model_path = trained.model_path
+  whole = codec.Codec(model_path)
+  decoder = codec.Codec(model_path, decode_only=True)
+  assert len(decoder._module.weights) < len(whole._module.weights)
+  assert not hasattr(decoder._module, "compress")
+  image = natural_image(20, 30, 7)
+  data, _ = whole.encode(image)
+  np.testing.assert_array_equal(decoder.decode(data), whole.decode(data))
+  with pytest.raises(UserError, match="decode only"):
+    decoder.encode(image)
+
+  # A model exported before the decoder existed decodes with the whole SavedModel.
+  old = tmp_path / "old"
+  shutil.copytree(model_path, old)
+  shutil.rmtree(old / codec.SAVED_MODEL / codec.DECODER)
+  np.testing.assert_array_equal(codec.Codec(str(old), decode_only=True).decode(data), whole.decode(data))
+
+  # One weight of the decoder changed: its digest no longer matches.
+  damaged = tmp_path / "damaged"
+  shutil.copytree(model_path, damaged)
+  script = f"""
+import sys, tensorflow as tf
+sys.path.insert(0, {ROOT!r})
+from utils import codec
+path = {str(damaged / codec.SAVED_MODEL / codec.DECODER)!r}
+m = tf.saved_model.load(path)
+w = m.weights[-1]
+w.assign(w + tf.ones_like(w))
+tf.saved_model.save(m, path)
+"""
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  with pytest.raises(UserError, match="is damaged"):
+    codec.Codec(str(damaged), decode_only=True)
+  lic = tmp_path / "x.lic"
+  lic.write_bytes(data)
+  out = run_script(trained.script, "decompress", lic, tmp_path / "x.png", "--model_path", damaged)
+  assert out.returncode == 2 and "is damaged" in out.stderr, out.stderr
 
 
 def _decompress_in_process(trained, capsys, path):

@@ -170,7 +170,7 @@ def _decompress(args, name):
   output = args.output or args.input + ".png"
   check_output(output, args.overwrite)
   raw = read_bytes(args.input)
-  model = codec.Codec(args.model_path, f"{name}.py")
+  model = codec.Codec(args.model_path, f"{name}.py", decode_only=True)
   image = model.decode(raw)
   try:
     data.write_png(output, image)
