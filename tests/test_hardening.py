@@ -165,6 +165,20 @@ def test_tiled_synthesis_equals_the_whole(name):
   assert not np.array_equal(model_lib.tiled_synthesis(synthesis, latents, tile=2, halo=0), whole)
 
 
+@pytest.mark.parametrize("name", ["bls2017", "bmshj2018", "hcae"])
+def test_synthesis_of_part_of_the_output_is_that_part_of_the_whole(name):
+  # Asked for some rows and columns, each layer computes only what they depend on (utils/model.py).
+  synthesis = model_lib.Float64Synthesis(_synthesis(name))
+  latents = np.round(np.random.default_rng(1).normal(0, 3, (1, 5, 7, 5)))
+  whole = synthesis(latents).numpy()
+  height, width = 5 * synthesis.factor(1), 7 * synthesis.factor(2)
+  assert whole.shape[1:3] == (height, width)
+  for rows, cols in (((0, height), (0, width)), ((0, 16), (0, 16)), ((17, 45), (33, 34)),
+                     ((height - 16, height), (width - 20, width)), ((3, 4), (width - 1, width))):
+    part = synthesis(latents, rows=rows, cols=cols).numpy()
+    np.testing.assert_array_equal(part, whole[:, rows[0]:rows[1], cols[0]:cols[1]])
+
+
 # --- inputs to compress ----------------------------------------------------------------------
 
 

@@ -21,8 +21,11 @@ SYNTHESIS_FACTOR = 16
 # (page faults and zeroing; later decodes reuse the pages): at 16 latents a 768 x 512 bmshj2018
 # decode at 192 filters peaks at 1.2 GB instead of 2.1 GB at 32, and its first synthesis takes
 # 1.7-2.0 s instead of 3.3 s, with the same pixels. Later decodes in the process took 1.4-1.5 s
-# at 16 against 1.2-1.5 s at 32: the halo's extra arithmetic (56 % at 16, 27 % at 32) is mostly
-# paid back by buffers that fit the caches better.
+# at 16 against 1.2-1.5 s at 32: the halo's extra arithmetic (then 56 % at 16, 27 % at 32) was
+# mostly paid back by buffers that fit the caches better. Since each layer computes only the part
+# of its output the tile's pixels depend on (Float64Synthesis's rows/cols), the halo costs a few
+# positions per layer instead of 2 latents at every layer's scale; 8, 12, 16, 24 and 48 (the
+# whole photo) then took about the same time, and 16 is kept (1.0 GB peak; 8: 0.75 GB).
 # An image that fits one tile is synthesized whole.
 TILE = 16
 # Latents of context a tile needs on each side. Transposed 'same' convolutions align their output
@@ -110,11 +113,52 @@ class Float64Synthesis(tf.Module):
   def _bounded(reparam, pedestal, bound):
     return tf.math.square(tf.maximum(reparam, tf.constant(bound, tf.float64))) - pedestal
 
-  def __call__(self, x):
+  def factor(self, axis):
+    """Output pixels per latent on `axis` (1: rows, 2: columns)."""
+    product = 1
+    for kind, *args in self._steps:
+      product *= args[1][axis] if kind == "conv" else 1
+    return product
+
+  def _input_ranges(self, size, wanted, axis):
+    """For each transposed convolution, the [start, stop) of its input (on `axis`, in that layer's
+    grid, from the first latent) that the output rows or columns `wanted` depend on, clipped to
+    the layer's input, whose first is `size` latents. In the whole synthesis, output p of a 'same'
+    convolution with kernel k and stride s is the sum over inputs j with p = s * j + t - (k - s) // 2,
+    0 <= t < k: an input range that holds those j of every wanted p gives those outputs exactly,
+    and beyond the input's ends there is nothing in either computation."""
+    convs = [(args[2].shape[axis - 1], args[1][axis]) for kind, *args in self._steps if kind == "conv"]
+    sizes = [size]
+    for _, stride in convs[:-1]:
+      sizes.append(sizes[-1] * stride)
+    start, stop = wanted
+    ranges = []
+    for (k, s), n in zip(reversed(convs), reversed(sizes)):
+      pad = max(k - s, 0) // 2
+      start = tf.maximum(-((k - 1 - pad - start) // s), 0)  # ceil((start - k + 1 + pad) / s)
+      stop = tf.minimum((stop - 1 + pad) // s + 1, n)
+      ranges.append((start, stop))
+    return ranges[::-1]
+
+  def __call__(self, x, rows=None, cols=None):
+    """The synthesis of (B, h, w, C) latents. `rows`, `cols`: the output's [start, stop) wanted
+    (default: all of it); each layer then computes only the part of its output those depend on,
+    which in a tile of the decoder is far less than the whole tile with its halo."""
     x = tf.convert_to_tensor(x, tf.float64)
+    crop = rows is not None or cols is not None
+    if crop:
+      shape = tf.shape(x)
+      rows = (0, shape[1] * self.factor(1)) if rows is None else rows
+      cols = (0, shape[2] * self.factor(2)) if cols is None else cols
+      ranges = list(zip(self._input_ranges(shape[1], rows, 1), self._input_ranges(shape[2], cols, 2)))
+      origin = (0, 0)  # the position of x[:, 0, 0] in the current layer's grid
     for kind, *args in self._steps:
       if kind == "conv":
         filters, strides, kernel, bias = args
+        if crop:
+          (top, bottom), (left, right) = ranges.pop(0)
+          x = x[:, top - origin[0]:bottom - origin[0], left - origin[1]:right - origin[1]]
+          origin = (top * strides[1], left * strides[2])
         shape = tf.shape(x)
         out_shape = tf.stack([shape[0], shape[1] * strides[1], shape[2] * strides[2], filters])
         x = tf.nn.conv2d_transpose(x, kernel, out_shape, strides, padding="SAME")
@@ -127,6 +171,8 @@ class Float64Synthesis(tf.Module):
       else:
         scale, offset = args
         x = x * tf.constant(scale, tf.float64) + tf.constant(offset, tf.float64)
+    if crop:
+      x = x[:, rows[0] - origin[0]:rows[1] - origin[0], cols[0] - origin[1]:cols[1] - origin[1]]
     return x
 
 
@@ -137,8 +183,9 @@ def to_uint8(x):
 def tiled_synthesis(synthesis, latents, factor=SYNTHESIS_FACTOR, tile=TILE, halo=HALO):
   """The uint8 (H, W, 3) image `synthesis` makes of (1, h, w, C) latents, computed tile by tile.
 
-  Each tile is synthesized with `halo` latents of context on every side and cropped back, which
-  gives the values of the whole synthesis (up to float summation order, ~1e-13 in float64); the
+  Each tile is synthesized from its latents with `halo` more on every side, and only its own pixels
+  are computed (each layer crops its input to what they depend on), which gives the values of the
+  whole synthesis (up to float summation order, ~1e-13 in float64; the same bits in the tests); the
   tiling depends only on the latents' size, so every decoder of a file computes the same tiles.
   """
   height, width = tf.shape(latents)[1], tf.shape(latents)[2]
@@ -151,9 +198,9 @@ def tiled_synthesis(synthesis, latents, factor=SYNTHESIS_FACTOR, tile=TILE, halo
       right = tf.minimum(left + tile, width)
       left0 = tf.maximum(left - halo, 0)
       x = synthesis(latents[:, top0:tf.minimum(bottom + halo, height),
-                            left0:tf.minimum(right + halo, width)])
-      x = x[0, (top - top0) * factor:(bottom - top0) * factor,
-            (left - left0) * factor:(right - left0) * factor]
+                            left0:tf.minimum(right + halo, width)],
+                    rows=((top - top0) * factor, (bottom - top0) * factor),
+                    cols=((left - left0) * factor, (right - left0) * factor))[0]
       # A TensorArray concatenates along the first axis: the columns of a row go through a transpose.
       row = row.write(row.size(), tf.transpose(to_uint8(x), [1, 0, 2]))
     rows = rows.write(rows.size(), tf.transpose(row.concat(), [1, 0, 2]))
