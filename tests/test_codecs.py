@@ -81,24 +81,38 @@ def test_cross_process_round_trip_is_exact(trained, odd_image, tmp_path):
   assert psnr == pytest.approx(metrics.psnr(np.asarray(Image.open(odd_image)), in_process), abs=0.006)
 
 
-def test_decompress_does_not_import_tensorflow_probability(trained, tmp_path):
+def test_decompress_imports_no_tensorflow_probability_and_pools_memory(trained, tmp_path):
   # tensorflow-compression is needed for its range-coding ops only; importing it whole imports
-  # tensorflow-probability, a second of every command (utils/codec.py).
-  lic, png = tmp_path / "x.lic", tmp_path / "x.png"
+  # tensorflow-probability, a second of every command (utils/codec.py). And the decoder keeps its
+  # buffers in TensorFlow's pool (utils.pool_cpu_memory) unless told not to, with the same pixels.
+  lic = tmp_path / "x.lic"
   lic.write_bytes(codec.Codec(trained.model_path).encode(natural_image(20, 30, 7))[0])
-  script = f"""
+  pngs = {}
+  for setting in (None, "false"):
+    pngs[setting] = tmp_path / f"x-{setting}.png"
+    script = f"""
 import sys
 import {trained.name} as script
 from utils import cli
-argv = ["decompress", {str(lic)!r}, {str(png)!r}, "--model_path", {trained.model_path!r}]
+argv = ["decompress", {str(lic)!r}, {str(pngs[setting])!r}, "--model_path", {trained.model_path!r}]
 assert cli.main({trained.name!r}, script.build_model, script.add_model_flags, argv) == 0
+import tensorflow as tf
+try:
+  tf.config.experimental.get_memory_info("CPU:0")  # only a BFC allocator keeps these statistics
+  print("pooled")
+except ValueError:
+  print("malloc")
 print(sorted(m for m in sys.modules if m.startswith(("tensorflow_probability", "tensorflow_compression."))))
 """
-  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
-                       timeout=300)
-  assert out.returncode == 0, out.stderr
-  assert out.stdout.strip().splitlines()[-1] == "[]"
-  assert np.asarray(Image.open(png)).shape == (20, 30, 3)
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
+    if setting is not None:
+      env["TF_CPU_ALLOCATOR_USE_BFC"] = setting
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-2:] == ["malloc" if setting else "pooled", "[]"]
+  assert np.asarray(Image.open(pngs[None])).shape == (20, 30, 3)
+  assert pngs[None].read_bytes() == pngs["false"].read_bytes()
 
 
 def test_saved_model_codes_without_the_python_class(trained, tmp_path):

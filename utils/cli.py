@@ -166,6 +166,8 @@ def _rate_split(names, string_bpp):
 
 
 def _decompress(args, name):
+  from utils import pool_cpu_memory
+  pool_cpu_memory()  # before the first TensorFlow op: the synthesis's tiles reuse their buffers
   from utils import codec, data
   output = args.output or args.input + ".png"
   check_output(output, args.overwrite)

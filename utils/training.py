@@ -10,7 +10,7 @@ import threading
 
 import tensorflow as tf
 
-from utils import codec, data
+from utils import codec, data, pool_cpu_memory
 from utils.errors import Interrupted, UserError
 from utils.model import enable_determinism
 
@@ -19,19 +19,6 @@ log = logging.getLogger("utils.training")
 CONFIG = "config.json"
 BACKUP = "backup"
 LOGS = "logs"
-
-
-def pool_cpu_memory():
-  """Has TensorFlow keep its CPU tensors' memory for reuse (its BFC allocator) instead of taking it
-  from malloc and giving it back at every free: call before the process's first TensorFlow op.
-
-  malloc returns large buffers to the kernel when they are freed, so every training step faulted in
-  and zeroed its activations afresh (80 000 page faults a second in an hcae run): pooled, steps are
-  2-15 % faster with the same bits (README, "Benchmarks"). Only for training: a compress or
-  decompress runs each graph once, and there the pool's bookkeeping made the CLI slower.
-  TF_CPU_ALLOCATOR_USE_BFC=false in the environment keeps malloc.
-  """
-  os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 
 def make_strategy(kind="auto"):
