@@ -136,43 +136,53 @@ print("ok", strings.shape[0], float(bits[0]))
   assert out.stdout.startswith(f"ok {len(codec.Codec(model_path).string_names)} ")
 
 
-def test_decompress_loads_the_decoder_alone(trained, tmp_path):
-  # `decompress` loads saved_model/decoder: the decoding functions and the weights they read. It
-  # decodes what the whole model decodes, refuses to encode, and is refused when damaged.
+def test_each_half_of_the_codec_loads_alone(trained, tmp_path):
+  # `compress` loads saved_model/encoder and `decompress` saved_model/decoder: their functions and
+  # the weights those read. Each codes what the whole model codes, refuses the other half's work,
+  # and is refused when damaged.
   model_path = trained.model_path
   whole = codec.Codec(model_path)
-  decoder = codec.Codec(model_path, decode_only=True)
-  assert len(decoder._module.weights) < len(whole._module.weights)
-  assert not hasattr(decoder._module, "compress")
+  encoder = codec.Codec(model_path, part="encoder")
+  decoder = codec.Codec(model_path, part="decoder")
+  for half in (encoder, decoder):
+    assert len(half._module.weights) < len(whole._module.weights)
+  assert not hasattr(decoder._module, "compress") and not hasattr(encoder._module, "synthesize")
   image = natural_image(20, 30, 7)
   data, _ = whole.encode(image)
+  assert encoder.encode(image)[0] == data
   np.testing.assert_array_equal(decoder.decode(data), whole.decode(data))
   with pytest.raises(UserError, match="decode only"):
     decoder.encode(image)
+  with pytest.raises(UserError, match="encode only"):
+    encoder.decode(data)
 
-  # A model exported before the decoder existed decodes with the whole SavedModel.
+  # A model exported before the halves existed codes with the whole SavedModel.
   old = tmp_path / "old"
   shutil.copytree(model_path, old)
-  shutil.rmtree(old / codec.SAVED_MODEL / codec.DECODER)
-  np.testing.assert_array_equal(codec.Codec(str(old), decode_only=True).decode(data), whole.decode(data))
+  for part in codec.PARTS:
+    shutil.rmtree(old / codec.SAVED_MODEL / part)
+  assert codec.Codec(str(old), part="encoder").encode(image)[0] == data
+  np.testing.assert_array_equal(codec.Codec(str(old), part="decoder").decode(data), whole.decode(data))
 
-  # One weight of the decoder changed: its digest no longer matches.
+  # One weight of each half changed: its digest no longer matches.
   damaged = tmp_path / "damaged"
   shutil.copytree(model_path, damaged)
   script = f"""
 import sys, tensorflow as tf
 sys.path.insert(0, {ROOT!r})
 from utils import codec
-path = {str(damaged / codec.SAVED_MODEL / codec.DECODER)!r}
-m = tf.saved_model.load(path)
-w = m.weights[-1]
-w.assign(w + tf.ones_like(w))
-tf.saved_model.save(m, path)
+for part in codec.PARTS:
+  path = {str(damaged / codec.SAVED_MODEL)!r} + "/" + part
+  m = tf.saved_model.load(path)
+  w = m.weights[-1]
+  w.assign(w + tf.ones_like(w))
+  tf.saved_model.save(m, path)
 """
   out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr
-  with pytest.raises(UserError, match="is damaged"):
-    codec.Codec(str(damaged), decode_only=True)
+  for part in codec.PARTS:
+    with pytest.raises(UserError, match="is damaged"):
+      codec.Codec(str(damaged), part=part)
   lic = tmp_path / "x.lic"
   lic.write_bytes(data)
   out = run_script(trained.script, "decompress", lic, tmp_path / "x.png", "--model_path", damaged)

@@ -145,7 +145,8 @@ def _compress(args, name):
   image = data.read_image(args.input) if os.path.exists(args.input) or "://" in args.input else None
   if image is None:
     raise UserError(f"no such file: {args.input}")
-  model = codec.Codec(args.model_path, f"{name}.py")
+  # --measure decodes too: the whole model.
+  model = codec.Codec(args.model_path, f"{name}.py", part=None if args.measure else "encoder")
   if args.measure:
     r = code_image(model, image, output)
   else:
@@ -172,7 +173,7 @@ def _decompress(args, name):
   output = args.output or args.input + ".png"
   check_output(output, args.overwrite)
   raw = read_bytes(args.input)
-  model = codec.Codec(args.model_path, f"{name}.py", decode_only=True)
+  model = codec.Codec(args.model_path, f"{name}.py", part="decoder")
   image = model.decode(raw)
   try:
     data.write_png(output, image)

@@ -13,11 +13,11 @@ from utils import bitstream
 from utils.errors import BitstreamError, DecodeTimeout, UserError
 
 SAVED_MODEL = "saved_model"
-# Inside SAVED_MODEL, a second SavedModel with the decoding half alone (`decode_latents`,
-# `synthesize`, the variables they read): `decompress` loads it. A load spends most of its time
-# turning every stored function into a Python graph, and `compress` with its analysis layers is
-# most of them (bmshj2018 N=M=192: 2 522 graph nodes in all, 1 048 in the decoder).
-DECODER = "decoder"
+# Inside SAVED_MODEL, a SavedModel of each half of the codec alone, with the variables its functions
+# read: `compress` loads the encoder, `decompress` the decoder. A load spends most of its time
+# turning every stored function into a Python graph (bmshj2018 N=M=192: 2 522 graph nodes in all,
+# 1 048 in the decoder).
+PARTS = {"encoder": ("compress",), "decoder": ("decode_latents", "synthesize")}
 
 
 def _register_range_coding_ops():
@@ -56,20 +56,19 @@ class _Export(tf.Module):
     self.synthesize = model.synthesize_function()
 
 
-class _DecoderExport(tf.Module):
-  """The decoding half of an _Export, with the variables its functions read.
+class _PartExport(tf.Module):
+  """Some of an _Export's functions (PARTS), with the variables they read.
 
-  The file checks are keyed with the digest of all the model's weights, most of which a decoder
+  The file checks are keyed with the digest of all the model's weights, most of which one half
   never reads: the metadata records that key, and the digest of the weights held here, which a load
-  recomputes (a damaged decoder is refused as the whole model is).
+  recomputes (a damaged part is refused as a damaged model is).
   """
 
-  def __init__(self, export):
+  def __init__(self, export, functions):
     super().__init__(name=export.name)
-    self.decode_latents = export.decode_latents
-    self.synthesize = export.synthesize
-    read = {v.ref() for f in (self.decode_latents, self.synthesize)
-            for v in f.get_concrete_function().variables}
+    for name in functions:
+      setattr(self, name, getattr(export, name))
+    read = {v.ref() for name in functions for v in getattr(self, name).get_concrete_function().variables}
     self.weights = [v for v in export.weights if v.ref() in read]
     metadata = json.loads(export.metadata.numpy().decode())
     metadata.update(key=bitstream.weights_digest([v.numpy() for v in export.weights]).hex(),
@@ -100,7 +99,8 @@ def export(model, model_dir, config):
     if tf.io.gfile.exists(leftover):
       tf.io.gfile.rmtree(leftover)
   tf.saved_model.save(module, fresh)
-  tf.saved_model.save(_DecoderExport(module), os.path.join(fresh, DECODER))
+  for part, functions in PARTS.items():
+    tf.saved_model.save(_PartExport(module, functions), os.path.join(fresh, part))
   if tf.io.gfile.exists(path):
     tf.io.gfile.rename(path, stale)
   tf.io.gfile.rename(fresh, path)
@@ -190,13 +190,13 @@ class Codec:
     self._setup(_coding_module(model, config), "the model in memory", None)
     return self
 
-  def __init__(self, model_dir, script_hint=None, decode_only=False):
-    """decode_only: load the decoder SavedModel (faster; `encode` is then refused), where the
-    model has one (models exported before it was added have not)."""
+  def __init__(self, model_dir, script_hint=None, part=None):
+    """part: "encoder" or "decoder" loads that half alone (faster; the other half's method is then
+    refused), where the model has it (models exported before the halves were added have not)."""
     path = os.path.join(model_dir, SAVED_MODEL)
     rerun = f"python {script_hint} train with the flags that made it" if script_hint else "its train command"
-    if decode_only and tf.io.gfile.exists(os.path.join(path, DECODER, "saved_model.pb")):
-      path = os.path.join(path, DECODER)
+    if part is not None and tf.io.gfile.exists(os.path.join(path, part, "saved_model.pb")):
+      path = os.path.join(path, part)
     elif not tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
       hint = f" (train one first: python {script_hint} train, or pass --model_path)" if script_hint else ""
       raise UserError(f"no trained model at {model_dir}{hint}")
@@ -247,6 +247,8 @@ class Codec:
   def decode(self, data, time_limit=None):
     """File bytes -> uint8 HxWx3; BitstreamError for anything that is not an intact file of this
     model. Entropy decoding gets `time_limit` seconds (default: entropy_decoding_time_limit)."""
+    if not hasattr(self._module, "decompress") and not self._split:
+      raise UserError("this codec was loaded to encode only")
     header, strings = bitstream.unpack(data)
     bitstream.check_maker(header, self.name, self.fingerprint)
     if len(strings) != len(self.string_names):
