@@ -17,8 +17,8 @@ def pool_cpu_memory():
   malloc returns large buffers to the kernel when they are freed, so every training step faulted in
   and zeroed its activations afresh (80 000 page faults a second in an hcae run), and so did every
   tile of a decoder's synthesis. Pooled, training steps are 2-15 % faster and a bmshj2018 N=M=192
-  decompress of a 768x512 photo about 0.5 s, with the same bits (README, "Benchmarks"). `train` and
-  `decompress` pool; `compress`, which runs its graph once, was no faster with it.
+  decompress of a 768x512 photo about 0.5 s faster, with the same bits (README, "Benchmarks").
+  `train` and `decompress` pool; `compress`, which runs its graph once, was no faster with it.
   TF_CPU_ALLOCATOR_USE_BFC=false in the environment keeps malloc.
   """
   os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")

@@ -59,20 +59,21 @@ class _Export(tf.Module):
 class _PartExport(tf.Module):
   """Some of an _Export's functions (PARTS), with the variables they read.
 
-  The file checks are keyed with the digest of all the model's weights, most of which one half
-  never reads: the metadata records that key, and the digest of the weights held here, which a load
-  recomputes (a damaged part is refused as a damaged model is).
+  The file checks are keyed with the digest of all the model's weights (`key`), most of which one
+  half never reads: the metadata records that key, and the digest of the weights held here, which a
+  load recomputes (a damaged part is refused as a damaged model is).
   """
 
-  def __init__(self, export, functions):
+  def __init__(self, export, functions, key):
     super().__init__(name=export.name)
     for name in functions:
       setattr(self, name, getattr(export, name))
-    read = {v.ref() for name in functions for v in getattr(self, name).get_concrete_function().variables}
+    read = {v.ref() for name in functions
+            for v in getattr(self, name).get_concrete_function().variables}
     self.weights = [v for v in export.weights if v.ref() in read]
     metadata = json.loads(export.metadata.numpy().decode())
-    metadata.update(key=bitstream.weights_digest([v.numpy() for v in export.weights]).hex(),
-                    digest=bitstream.weights_digest([v.numpy() for v in self.weights]).hex())
+    own = bitstream.weights_digest([v.numpy() for v in self.weights])
+    metadata.update(key=key.hex(), digest=own.hex())
     self.metadata = tf.Variable(json.dumps(metadata), trainable=False, dtype=tf.string)
 
 
@@ -99,8 +100,9 @@ def export(model, model_dir, config):
     if tf.io.gfile.exists(leftover):
       tf.io.gfile.rmtree(leftover)
   tf.saved_model.save(module, fresh)
+  key = bitstream.weights_digest([v.numpy() for v in module.weights])
   for part, functions in PARTS.items():
-    tf.saved_model.save(_PartExport(module, functions), os.path.join(fresh, part))
+    tf.saved_model.save(_PartExport(module, functions, key), os.path.join(fresh, part))
   if tf.io.gfile.exists(path):
     tf.io.gfile.rename(path, stale)
   tf.io.gfile.rename(fresh, path)
@@ -214,10 +216,12 @@ class Codec:
       meta = json.loads(module.metadata.numpy().decode())
       digest = bitstream.weights_digest([v.numpy() for v in module.weights])
       # The key of the files' checks is the digest of all the weights: a whole model recomputes
-      # it, which also catches a damaged model; a decoder holds only some of them, records the
-      # key, and is checked against the recorded digest of its own.
-      self._key = bytes.fromhex(meta["key"]) if "key" in meta else digest
-      intact = digest.hex() == meta["digest"] if "key" in meta else True
+      # it, which also catches a damaged model; a half (PARTS) holds only some of them, records
+      # the key, and is checked against the recorded digest of its own.
+      if "key" in meta:
+        self._key, intact = bytes.fromhex(meta["key"]), digest.hex() == meta["digest"]
+      else:
+        self._key, intact = digest, True
     except (ValueError, KeyError, AttributeError, tf.errors.OpError) as e:
       raise UserError(f"cannot load {what} ({type(e).__name__}){again}") from None
     if not intact or self._key[:bitstream.FINGERPRINT_BYTES].hex() != meta.get("fingerprint"):
