@@ -19,6 +19,7 @@ import tensorflow as tf
 tfc = utils.lazy_import("tensorflow_compression")
 
 from utils import cli
+from utils.entropy_models import factorized
 from utils.model import CompressionModel, Float64Synthesis
 
 
@@ -57,21 +58,15 @@ class BLS2017Model(CompressionModel):
     self.coding_model = self.synthesis64 = None
     self.build((None, None, None, 3))
 
-  def _entropy_model(self, compression):
-    # No offset heuristic: y is coded as round(y), the value the straight-through training
-    # proxy feeds the synthesis (the heuristic's offsets cost an iterative search per step).
-    return tfc.ContinuousBatchedEntropyModel(self.prior, coding_rank=3, compression=compression,
-                                             offset_heuristic=False)
-
   def forward(self, x, training):
-    entropy_model = self._entropy_model(False)
+    entropy_model = factorized(self.prior, False)
     y = self.analysis(x)
     y_tilde, bits = entropy_model(y, training=training)
     y_hat = self.synthesis_input(y_tilde, y, tf.round(y), training)
     return self.synthesis(y_hat), [bits]
 
   def build_coding_tables(self):
-    self.coding_model = self._entropy_model(True)
+    self.coding_model = factorized(self.prior, True)
     self.synthesis64 = Float64Synthesis(self.synthesis, name="synthesis64")
 
   def encode(self, x):
