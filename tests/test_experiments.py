@@ -1,6 +1,8 @@
-"""experiments/: the sweep (presets, sharding, resume), Figure 6, the reconstruction panels, and
-training under a mirrored strategy on two logical CPUs."""
+"""experiments/: the sweep (presets, sharding, resume, parallel jobs), Figure 6, the reconstruction
+panels, and training under a mirrored strategy on two logical CPUs."""
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -94,6 +96,73 @@ def test_sweep_trains_every_pair_then_skips_them(swept):
   # Warm start: the middle lambda from scratch, its neighbour from it.
   assert "lambda 0.004: training from scratch" in first.stdout
   assert f"lambda 0.05: training from {models / 'bls2017-lambda0.004'}" in first.stdout
+
+
+def test_a_warm_job_waits_for_the_neighbour_it_starts_from():
+  cpu = sweep.load_presets()["cpu"]
+  todo = sweep.jobs(("bls2017", "hcae"), cpu["lambdas"], (0, 1), warm=True)
+  waits = sweep.plan(todo, cpu, warm=True)
+  named = {job: todo[w] if w is not None else None for job, w in zip(todo, waits)}
+  assert named[("bls2017", 0.015)] is None and named[("hcae", 0.015)] is None
+  assert named[("bls2017", 0.05)] == named[("bls2017", 0.004)] == ("bls2017", 0.015)
+  assert named[("hcae", 0.19)] == ("hcae", 0.05)
+  assert sweep.plan(todo, cpu, warm=False) == [None] * len(todo)
+  # The paper preset widens bmshj2018 from lambda 0.19: the wide jobs wait for a wide one, or none.
+  paper = sweep.load_presets()["paper"]
+  todo = sweep.jobs(("bmshj2018",), paper["lambdas"], (0, 1), warm=True)
+  for job, w in zip(todo, sweep.plan(todo, paper, warm=True)):
+    if w is not None:
+      assert (todo[w][1] >= 0.19) == (job[1] >= 0.19) and todo.index(job) > w
+  assert sum(w is None for w in sweep.plan(todo, paper, warm=True)) == 2
+
+
+def test_parallel_jobs_get_their_own_cores(capfd):
+  cores = sorted(os.sched_getaffinity(0))
+  sets = sweep.core_sets(len(cores))
+  assert sorted(c for s in sets for c in s) == cores and all(len(s) == 1 for s in sets)
+  assert sweep.core_sets(1) == [None]
+  assert len(sweep.core_sets(len(cores) + 3)) == len(cores)  # not more jobs than cores
+  assert f"running {len(cores)} at once" in capfd.readouterr().out
+  # A job started on a core is pinned there and its output lines come prefixed; this process is not pinned.
+  mine = os.sched_getaffinity(0)
+  process, reader = sweep.start_job(
+      [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))\n"
+       "print(os.environ['TF_FORCE_GPU_ALLOW_GROWTH'])"], {cores[-1]}, "[job]")
+  assert os.sched_getaffinity(0) == mine
+  assert process.wait(timeout=60) == 0
+  reader.join(timeout=60)
+  assert capfd.readouterr().out.splitlines() == [f"[job] [{cores[-1]}]", "[job] true"]
+
+
+def test_a_parallel_sweep_runs_warm_jobs_side_by_side(tmp_path, capfd):
+  models = tmp_path / "models"
+  status = sweep.main(["--model", "bls2017", "--preset", "smoke", "--lambdas", "0.004,0.015,0.05",
+                       "--jobs", "2", "--models_dir", str(models), "--verbose", "0"])
+  out = capfd.readouterr().out
+  assert status == 0, out[-3000:]
+  anchor = models / "bls2017-lambda0.015"
+  for lmbda in ("0.004", "0.05"):
+    with open(models / f"bls2017-lambda{lmbda}" / sweep.DONE) as f:
+      argv = json.load(f)["argv"]
+    assert argv[-2:] == ["--init_from", str(anchor)]
+    assert (models / f"bls2017-lambda{lmbda}" / "saved_model" / "saved_model.pb").exists()
+  lines = out.splitlines()
+  starts = [i for i, line in enumerate(lines) if "training from " + str(anchor) in line]
+  ends = [i for i, line in enumerate(lines) if re.search(r"lambda 0\.0(04|5): done in", line)]
+  assert len(starts) == 2 and len(ends) == 2 and max(starts) < min(ends)  # side by side
+  assert any(line.startswith("[bls2017 0.05] trained bls2017") for line in lines)
+
+
+def test_a_failed_job_stops_the_jobs_that_wait_for_it(tmp_path, capfd):
+  models = tmp_path / "models"
+  status = sweep.main(["--model", "bls2017", "--preset", "smoke", "--jobs", "2", "--dataset", "folder",
+                       "--train_glob", str(tmp_path / "none" / "*.png"), "--models_dir", str(models),
+                       "--verbose", "0"])
+  captured = capfd.readouterr()
+  assert status == 2
+  assert "error: bls2017 lambda 0.004 failed (exit 2)" in captured.err
+  assert "lambda 0.05: training" not in captured.out and "finished in" not in captured.out
+  assert "[bls2017 0.004] error: no images match" in captured.out
 
 
 def test_figure6_from_the_sweep(swept, capsys):

@@ -49,7 +49,7 @@ def factorized(prior, compression):
 @functools.cache
 def _graph_tables_model():
   """tensorflow-compression's ContinuousBatchedEntropyModel, building its range-coding tables in
-  a graph: the same tables (compared bit for bit), in 1.4 s instead of 8.5-10 s per export on 2
+  a graph: the same tables (compared bit for bit), in 1.4 s instead of 3.4-10 s per export on 2
   CPU cores. The tables need the prior's tail quantiles, which the library finds with a loop of a
   few hundred Adam steps through the deep factorized density, run op by op when eager.
   Made on first use, so that coding alone never imports the library's Python package.
