@@ -268,18 +268,18 @@ def run_jobs(todo, waits, slots, preset, lambdas, models_dir, overrides, warm):
   free = list(slots)
   try:
     while pending or running:
-      # Cold jobs first: they are the longest, and every warm job waits for one.
-      ready = sorted((waits[i] is not None, i) for i in pending if waits[i] is None or waits[i] in finished)
-      while ready and free and not failure:
-        i = ready.pop(0)[1]
+      while free and not failure:
+        ready = [i for i in pending if waits[i] is None or waits[i] in finished]
+        if not ready:
+          break
+        # Cold jobs first: they are the longest, and every warm job waits for one.
+        i = min(ready, key=lambda j: (waits[j] is not None, j))
         pending.remove(i)
         started = _start(i, todo, free[0], len(slots) > 1, preset, lambdas, models_dir, overrides, warm)
-        if started is None:  # finished before
+        if started is None:  # finished before: what waits for it may start now
           finished.add(i)
-          ready = sorted((waits[j] is not None, j) for j in pending
-                         if waits[j] is None or waits[j] in finished)
-          continue
-        running[i] = (*started, free.pop(0))
+        else:
+          running[i] = (*started, free.pop(0))
       if not running:  # all done, or a failure left jobs that cannot start
         break
       time.sleep(0.2)
