@@ -314,6 +314,7 @@ def test_senseless_training_flags_fail_before_any_work(trained, tmp_path, capsys
            (["--lambda", "nan"], "--lambda must be positive and finite"),
            (["--learning_rate", "inf"], "--learning_rate must be positive and finite"),
            (["--backup_steps", "0"], "--backup_steps must be positive"),
+           (["--spike_factor", "1"], "--spike_factor must be 0 (off) or above 1"),
            (["--num_filters", "0"], "--num_filters must be positive"),
            (["--patch_size", "100000"], "no training image is at least 100000x100000"),
            (["--dataset", "folder", "--train_glob", str(tmp_path / "nothing*.png")], "no images match"),
@@ -338,6 +339,33 @@ def test_nan_loss_names_lambda_and_step(tmp_path):
   with pytest.raises(UserError, match=r"NaN at step 1 \(epoch 1, step 1\) with lambda nan"):
     training.train(bls2017.build_model, args, cli.model_config("bls2017", args, flags), export=False)
   assert not (tmp_path / "m" / "backup" / "chief" / "checkpoint").exists()  # nothing NaN was saved
+
+
+def test_a_run_whose_steps_are_all_refused_stops_with_the_last_good_weights(tmp_path, monkeypatch):
+  import bls2017
+  from utils import cli, training
+  Image.fromarray(natural_image(32, 32, 3)).save(tmp_path / "val.png")
+  parser, flags = cli.build_parser("bls2017", bls2017.add_model_flags)
+  args = parser.parse_args(["train", "--num_filters", "4", "--patch_size", "16", "--batch_size", "1",
+                            "--epochs", "1", "--steps_per_epoch", "8", "--verbose", "0",
+                            "--eval_glob", str(tmp_path / "val.png"), "--model_path", str(tmp_path / "m")])
+  monkeypatch.setattr(training, "REFUSED_IN_A_ROW", 3)
+  built = []
+
+  def build(a):
+    model = bls2017.build_model(a)
+    # As if a long run had settled at a loss far below this model's: every step is a spike.
+    model.spike_guard.taken.assign(1000.0)
+    model.spike_guard.average.assign(1e-3)
+    built.append((model, [v.numpy() for v in model.trainable_variables]))
+    return model
+
+  with pytest.raises(UserError, match=r"refused its last 3 steps up to step 3 \(epoch 1, step 3\) with "
+                     r"lambda 0.01: each loss was above --spike_factor 10 times the running mean 0.001"):
+    training.train(build, args, cli.model_config("bls2017", args, flags), export=False)
+  (model, initial), = built
+  assert int(model.optimizer.iterations.numpy()) == 3 and float(model.spike_guard.refused.numpy()) == 3
+  assert initial and all(np.array_equal(v.numpy(), w) for v, w in zip(model.trainable_variables, initial))
 
 
 RESUME = ["--lambda", "0.01", "--num_filters", "8", "--patch_size", "32", "--batch_size", "2",

@@ -92,6 +92,67 @@ def test_a_training_step_with_an_exploding_loss_keeps_the_weights_finite():
   assert any(np.abs(a - b).max() > 1e-4 for a, b in zip(after, before))
 
 
+def _tiny_bls2017(spike_factor):
+  import bls2017
+  tf.keras.utils.set_random_seed(0)
+  model = bls2017.BLS2017Model(0.01, num_filters=8)
+  model.spike_guard.factor = spike_factor
+  model.compile(optimizer=training.make_optimizer(_args(lr_schedule="constant"), 1000))
+  model.optimizer.build(model.trainable_variables)
+  return model
+
+
+def _batch(seed=0):
+  from tools.fuzz import natural_image
+  return tf.constant(np.stack([natural_image(32, 32, seed + i) for i in range(2)]), tf.float32)
+
+
+def test_a_step_far_above_the_running_loss_leaves_weights_and_moments_as_they_were():
+  model = _tiny_bls2017(10.0)
+  step, guard = tf.function(model.train_step), model.spike_guard
+  for seed in range(3):
+    logs = step(_batch(seed))
+    assert float(logs["skipped"]) == 0
+  assert float(guard.taken.numpy()) == 3 and 0 < float(guard.average.numpy()) < 1e4
+  # A run that had settled at a loss of 0.01: the same kind of batch is now a spike.
+  guard.taken.assign(100.0)
+  guard.average.assign(0.01)
+  state = [v.numpy() for v in model.trainable_variables + model.optimizer.variables[1:]]
+  epoch_loss = float(model.loss_tracker.result())
+  logs = step(_batch(7))
+  assert float(logs["skipped"]) == 1 and float(guard.in_a_row.numpy()) == 1
+  assert float(logs["loss"]) == epoch_loss  # a refused step is not in the epoch's mean either
+  assert all(np.array_equal(v.numpy(), s)
+             for v, s in zip(model.trainable_variables + model.optimizer.variables[1:], state))
+  assert int(model.optimizer.iterations.numpy()) == 4  # the schedule goes on
+  assert float(guard.average.numpy()) == pytest.approx(0.01)
+  # Back under the factor: the next step is taken.
+  guard.average.assign(1e4)
+  step(_batch(7))
+  assert float(guard.in_a_row.numpy()) == 0
+  assert any(not np.array_equal(v.numpy(), s) for v, s in zip(model.trainable_variables, state))
+
+
+def test_the_spike_guard_changes_no_step_it_takes():
+  runs = []
+  for factor in (10.0, 0.0):
+    model = _tiny_bls2017(factor)
+    losses = [float(model.train_step(_batch(seed))["loss"]) for seed in range(3)]
+    runs.append((losses, [v.numpy() for v in model.trainable_variables]))
+  assert runs[0][0] == runs[1][0]
+  assert all(np.array_equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_adam_leaves_a_variable_whose_gradient_is_not_finite():
+  a, b = tf.Variable([1.0, 2.0]), tf.Variable([3.0])
+  opt = training.make_optimizer(_args(lr_schedule="constant", clipnorm=0), 1000)
+  opt.build([a, b])
+  opt.apply_gradients([(tf.constant([np.nan, 1.0]), a), (tf.constant([1.0]), b)])
+  _, m_a, v_a, m_b, v_b = (v.numpy() for v in opt.variables)
+  assert np.array_equal(a.numpy(), [1.0, 2.0]) and not m_a.any() and not v_a.any()
+  assert b.numpy()[0] == pytest.approx(3.0 - 1e-3) and m_b.all() and v_b.all()
+
+
 def test_warm_start_takes_the_weights_of_another_lambda(trained, tmp_path):
   target = str(tmp_path / "warm")
   # One step at a negligible rate: the result must hold the source's weights.

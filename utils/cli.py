@@ -51,6 +51,9 @@ def build_parser(name, add_model_flags):
                       help="learning rate at the last step of the cosine schedule")
   recipe.add_argument("--clipnorm", type=float, default=1.0,
                       help="clip the gradients to this global norm (0: no clipping)")
+  recipe.add_argument("--spike_factor", type=float, default=10.0,
+                      help="skip the update of a step whose loss exceeds this many times the running "
+                      "mean of the loss, or whose gradient is not finite (0: apply every step)")
   recipe.add_argument("--quantization", choices=("ste", "noise"), default="ste",
                       help="what the synthesis sees in training: ste = rounded latents with a "
                       "straight-through gradient, noise = additive uniform noise (the papers); the rate "
@@ -228,6 +231,8 @@ def check_train_flags(args, model_flags):
     raise UserError(f"--final_learning_rate must be in (0, --learning_rate], not {args.final_learning_rate}")
   if not (math.isfinite(args.clipnorm) and args.clipnorm >= 0):
     raise UserError(f"--clipnorm must be 0 (off) or positive, not {args.clipnorm}")
+  if not (math.isfinite(args.spike_factor) and (args.spike_factor == 0 or args.spike_factor > 1)):
+    raise UserError(f"--spike_factor must be 0 (off) or above 1, not {args.spike_factor}")
   if args.warmup_steps < 0:
     raise UserError(f"--warmup_steps must be 0 or more, not {args.warmup_steps}")
   int_flags = ["patch_size", "batch_size", "epochs", "steps_per_epoch", "backup_steps"]

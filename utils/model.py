@@ -207,6 +207,61 @@ def tiled_synthesis(synthesis, latents, factor=SYNTHESIS_FACTOR, tile=TILE, halo
   return rows.concat()
 
 
+class SpikeGuard(tf.keras.metrics.Metric):
+  """Decides whether a training step may update the weights; its result counts the steps of this
+  epoch that did not.
+
+  A step is refused when some replica's gradient is not finite, or when its loss (the mean over all
+  replicas) exceeds `factor` times the running mean of the losses of the steps taken before it. Why:
+  one batch can make hcae's synthesis (three inverse GDNs, each growing its input about as its cube)
+  put out ~1e14 per pixel. Clipping bounds that step's gradient, but still moves every weight by
+  about the learning rate in the exploded batch's direction, and the cpu-preset sweep's hcae jobs did
+  not recover from such steps in their remaining epochs (README: training recipe). A refused step
+  still counts in the learning-rate schedule, but leaves the weights and Adam's moments unchanged
+  (utils.training.Adam skips a variable whose gradient is not finite, and train_step makes all of a
+  refused step's gradients NaN). The first `warmup` steps are only checked for finite gradients:
+  the running mean starts there.
+
+  Its variables are metric state: not part of the codec (coding_variables), not copied by a warm
+  start; resets at each epoch clear only the count, so the running mean spans the whole run. Under
+  tf.distribute every replica computes the same decision from the same all-reduced values.
+  """
+
+  def __init__(self, factor, decay=0.99, warmup=20, name="skipped"):
+    super().__init__(name=name)
+    self.factor, self.decay, self.warmup = float(factor), decay, warmup
+    first = tf.VariableAggregation.ONLY_FIRST_REPLICA  # identical on every replica
+    self.average = self.add_weight("average", initializer="zeros", aggregation=first)
+    self.taken = self.add_weight("taken", initializer="zeros", aggregation=first)
+    self.refused = self.add_weight("refused", initializer="zeros", aggregation=first)
+    self.in_a_row = self.add_weight("in_a_row", initializer="zeros", aggregation=first)
+
+  def check(self, loss, grads):
+    """True when the step of this replica's `loss` (its share of the global mean) and `grads`
+    should be applied; updates the running mean and the counts."""
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
+    total = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.stack([tf.cast(loss, tf.float32), 1.0 - tf.cast(finite, tf.float32)]))
+    loss, replicas_not_finite = total[0], total[1]
+    spike = (self.taken >= self.warmup) & (loss > self.factor * self.average)
+    take = tf.math.is_finite(loss) & tf.equal(replicas_not_finite, 0.0) & tf.logical_not(spike)
+    average = tf.where(self.taken > 0, self.decay * self.average + (1 - self.decay) * loss, loss)
+    self.average.assign(tf.where(take, average, self.average))
+    self.taken.assign_add(tf.cast(take, tf.float32))
+    self.refused.assign_add(1.0 - tf.cast(take, tf.float32))
+    self.in_a_row.assign(tf.where(take, 0.0, self.in_a_row + 1.0))
+    return take
+
+  def update_state(self, *args, **kwargs):
+    raise NotImplementedError("use check(loss, grads)")
+
+  def result(self):
+    return tf.identity(self.refused)
+
+  def reset_state(self):
+    self.refused.assign(0.0)
+
+
 class CompressionModel(tf.keras.Model):
   """Base of the codec models: `call` returns the loss terms for images in 0..255."""
 
@@ -218,6 +273,9 @@ class CompressionModel(tf.keras.Model):
   # decoder will see with the gradient passed straight through (as later tensorflow-compression
   # models do), or "noise", the papers' additive uniform noise. The rate term uses noise either way.
   quantization = "ste"
+  # Training refuses a step whose loss exceeds this many times the running mean (SpikeGuard; set from
+  # --spike_factor; 0: every step is applied, as Keras does).
+  SPIKE_FACTOR = 10.0
 
   def __init__(self, lmbda, **kwargs):
     super().__init__(**kwargs)
@@ -225,6 +283,7 @@ class CompressionModel(tf.keras.Model):
     self.loss_tracker = tf.keras.metrics.Mean(name="loss")
     self.bpp_tracker = tf.keras.metrics.Mean(name="bpp")
     self.mse_tracker = tf.keras.metrics.Mean(name="mse")
+    self.spike_guard = SpikeGuard(self.SPIKE_FACTOR)
 
   def forward(self, x, training):
     raise NotImplementedError
@@ -251,14 +310,15 @@ class CompressionModel(tf.keras.Model):
 
   @property
   def metrics(self):
-    return [self.loss_tracker, self.bpp_tracker, self.mse_tracker]
+    return [self.loss_tracker, self.bpp_tracker, self.mse_tracker, self.spike_guard]
 
-  def _update(self, terms, x):
-    weight = tf.shape(x)[0]  # per-replica batch size: an empty batch adds nothing
-    self.loss_tracker.update_state(terms["loss"], sample_weight=weight)
-    self.bpp_tracker.update_state(terms["bpp"], sample_weight=weight)
-    self.mse_tracker.update_state(terms["mse"], sample_weight=weight)
-    return {m.name: m.result() for m in self.metrics}
+  def _update(self, terms, x, counted=True):
+    # Per-replica batch size: an empty batch adds nothing; neither does a refused step.
+    weight = tf.shape(x)[0] * tf.cast(counted, tf.int32)
+    trackers = (self.loss_tracker, self.bpp_tracker, self.mse_tracker)
+    for tracker in trackers:
+      tracker.update_state(terms[tracker.name], sample_weight=weight)
+    return {m.name: m.result() for m in trackers}
 
   def train_step(self, x):
     with tf.GradientTape() as tape:
@@ -266,8 +326,16 @@ class CompressionModel(tf.keras.Model):
       # Replicas' gradients are summed: scale each replica's mean loss to get the global mean.
       loss = terms["loss"] / tf.distribute.get_strategy().num_replicas_in_sync
     grads = tape.gradient(loss, self.trainable_variables)
+    if not self.spike_guard.factor:
+      self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+      return self._update(terms, x)
+    take = self.spike_guard.check(loss, grads)
+    grads = [None if g is None else tf.where(take, g, tf.constant(float("nan"), g.dtype)) for g in grads]
     self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
-    return self._update(terms, x)
+    # A loss that is not finite still reaches the epoch mean, where it stops the run (training.train).
+    logs = self._update(terms, x, counted=take | tf.logical_not(tf.math.is_finite(terms["loss"])))
+    logs[self.spike_guard.name] = self.spike_guard.result()
+    return logs
 
   def test_step(self, x):
     # training=False: hard quantization and the rate of the quantized latents.

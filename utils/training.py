@@ -116,7 +116,9 @@ def bound_for_clipping(grads):
 
 
 class Adam(tf.keras.optimizers.Adam):
-  """Keras' Adam, whose global-norm clipping survives gradients that overflow its norm.
+  """Keras' Adam, whose global-norm clipping survives gradients that overflow its norm, and which
+  leaves a variable whose gradient is not finite as it is, with its moments (the step of a batch
+  that utils.model.SpikeGuard refuses: train_step makes its gradients NaN).
 
   Keras clips after summing the replicas' gradients; bounding them there too keeps the clipped
   direction that of the summed gradient under tf.distribute.
@@ -126,6 +128,12 @@ class Adam(tf.keras.optimizers.Adam):
     if self.global_clipnorm and self.global_clipnorm > 0:
       grads = bound_for_clipping(grads)
     return super()._clip_gradients(grads)
+
+  def _update_step(self, gradient, variable):
+    # Runs per variable on its device (and under XLA on a GPU): no cross-replica work in the cond.
+    values = gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient
+    update = super()._update_step
+    tf.cond(tf.reduce_all(tf.math.is_finite(values)), lambda: update(gradient, variable), lambda: None)
 
 
 def make_optimizer(args, total_steps, model=None):
@@ -185,8 +193,17 @@ class _NaNLoss(Exception):
   pass
 
 
+# So many refused steps in a row (utils.model.SpikeGuard) mean the weights, not some batches, went
+# wrong: training stops instead of running on without learning.
+REFUSED_IN_A_ROW = 100
+
+
+class _Refused(Exception):
+  pass
+
+
 class _StopOnNaN(tf.keras.callbacks.Callback):
-  """Aborts fit at the first NaN/inf loss.
+  """Aborts fit at the first NaN/inf loss, or after REFUSED_IN_A_ROW refused steps.
 
   Raising (rather than setting stop_training) skips the backups of that step and of the epoch end,
   so the checkpoint on disk stays the last good one.
@@ -203,6 +220,10 @@ class _StopOnNaN(tf.keras.callbacks.Callback):
     loss = (logs or {}).get("loss")
     if loss is not None and not math.isfinite(float(loss)):
       raise _NaNLoss(self._epoch + 1, batch + 1, int(self.model.optimizer.iterations.numpy()))
+    guard = getattr(self.model, "spike_guard", None)
+    if guard is not None and guard.factor and int(guard.in_a_row.numpy()) >= REFUSED_IN_A_ROW:
+      raise _Refused(self._epoch + 1, batch + 1, int(self.model.optimizer.iterations.numpy()),
+                     float(guard.average.numpy()))
 
 
 class _Backup(tf.keras.callbacks.BackupAndRestore):
@@ -294,6 +315,7 @@ def train(build_model, args, model_config, export=True):
   with strategy.scope():
     model = build_model(args)
     model.quantization = getattr(args, "quantization", model.quantization)
+    model.spike_guard.factor = getattr(args, "spike_factor", model.spike_guard.factor)
     model.compile(optimizer=make_optimizer(args, args.epochs * args.steps_per_epoch, model))
     # Slots now, not at the first step: a resumed run restores them even when no step is left to run.
     model.optimizer.build(model.trainable_variables)
@@ -323,6 +345,14 @@ def train(build_model, args, model_config, export=True):
         f"loss became NaN at step {total} (epoch {epoch}, step {step}) with lambda "
         f"{model_config['lambda']}; the last checkpoint before it is kept: lower --learning_rate "
         "and rerun") from None
+  except _Refused as e:
+    epoch, step, total, average = e.args
+    raise UserError(
+        f"training refused its last {REFUSED_IN_A_ROW} steps up to step {total} (epoch {epoch}, step "
+        f"{step}) with lambda {model_config['lambda']}: each loss was above --spike_factor "
+        f"{model.spike_guard.factor:g} times the running mean {average:.4g}, or its gradient was not "
+        "finite; the last checkpoint is kept: lower --learning_rate (or raise --spike_factor) and "
+        "rerun") from None
   if not export:
     return history
   fingerprint = codec.export(model, model_dir, model_config)
