@@ -13,8 +13,9 @@ machines; --distribute hands a tf.distribute strategy to every job.
 Warm start (default; --cold turns it off for the papers' protocol): for each model, the middle
 lambda of the sweep is trained from scratch, then its neighbours outwards, each initialised from
 the nearest finished lambda of the same model shape (`train --init_from`) and trained for the
-preset's `warm_start_fraction` of the epochs: lambdas change the rate-distortion balance, not what
-the transforms must learn, so a neighbour's weights are most of the way there. With --shard, a job
+preset's `warm_start_fraction` of the epochs at its `warm_start_learning_rate_scale` of the
+learning rate: lambdas change the rate-distortion balance, not what the transforms must learn, so a
+neighbour's weights are most of the way there. With --shard, a job
 whose neighbour is not finished yet (on another machine) starts cold.
 
 Parallel jobs (--jobs N; the cpu preset asks for 2): N jobs train at once, each pinned to its own
@@ -71,12 +72,21 @@ def model_flags(preset, model, lmbda):
   return list(flags)
 
 
-def warm_argv(argv, preset, source):
-  """`argv` of a job started from the model in `source`, for the preset's fraction of the epochs."""
-  epochs = int(argv[argv.index("--epochs") + 1])  # as train_argv resolved it for this model
-  warm = max(1, round(epochs * preset.get("warm_start_fraction", 1.0)))
+def warm_argv(argv, preset, model, source):
+  """`argv` of a job started from the model in `source`, for the preset's fraction of the epochs
+  and at its `warm_start_learning_rate_scale` of the learning rate."""
   argv = list(argv)
-  argv[argv.index("--epochs") + 1] = str(warm)
+  epochs = int(argv[argv.index("--epochs") + 1])  # as train_argv resolved it for this model
+  argv[argv.index("--epochs") + 1] = str(max(1, round(epochs * preset.get("warm_start_fraction", 1.0))))
+  scale = preset.get("warm_start_learning_rate_scale", 1.0)
+  scale = scale[model] if isinstance(scale, dict) else scale
+  if scale != 1.0:
+    # A trained model sits in a narrow valley: fine-tuned at the peak rate that trained it from
+    # scratch, hcae at lambda 0.05 blew up within 25 steps of reaching it (README, "Experiments").
+    if "--learning_rate" not in argv:
+      raise ValueError("a preset with warm_start_learning_rate_scale must give its learning_rate")
+    rate = float(argv[argv.index("--learning_rate") + 1])
+    argv[argv.index("--learning_rate") + 1] = f"{rate * scale:g}"
   return argv + ["--init_from", source]
 
 
@@ -320,7 +330,7 @@ def _start(i, todo, cores, prefixed, preset, lambdas, models_dir, overrides, war
     return None
   source = warm_source(models_dir, preset, model, lmbda, lambdas) if warm else None
   if source:
-    argv = warm_argv(argv, preset, source)
+    argv = warm_argv(argv, preset, model, source)
   if is_done(directory, argv):
     print(skipped, flush=True)
     return None

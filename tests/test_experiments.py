@@ -67,9 +67,22 @@ def test_warm_order_starts_in_the_middle_and_goes_outwards():
 def test_warm_jobs_train_a_fraction_of_the_epochs_from_their_neighbour():
   preset = sweep.load_presets()["cpu"]
   argv = sweep.train_argv(preset, "bls2017", 0.05, {})
-  warm = sweep.warm_argv(argv, preset, "models/x/bls2017-lambda0.015")
+  warm = sweep.warm_argv(argv, preset, "bls2017", "models/x/bls2017-lambda0.015")
   assert warm[warm.index("--epochs") + 1] == str(round(20 * preset["warm_start_fraction"]))
   assert warm[-2:] == ["--init_from", "models/x/bls2017-lambda0.015"]
+  assert warm[warm.index("--learning_rate") + 1] == argv[argv.index("--learning_rate") + 1]
+
+
+def test_warm_hcae_jobs_fine_tune_at_a_lower_rate():
+  preset = sweep.load_presets()["cpu"]
+  argv = sweep.train_argv(preset, "hcae", 0.05, {"learning_rate": 2e-3})
+  warm = sweep.warm_argv(argv, preset, "hcae", "models/x/hcae-lambda0.015")
+  scale = preset["warm_start_learning_rate_scale"]["hcae"]
+  assert scale < 1
+  assert float(warm[warm.index("--learning_rate") + 1]) == pytest.approx(2e-3 * scale)
+  assert argv[argv.index("--learning_rate") + 1] == "0.002"  # the cold job's flags are left alone
+  with pytest.raises(ValueError, match="learning_rate"):
+    sweep.warm_argv([a for a in argv if a not in ("--learning_rate", "0.002")], preset, "hcae", "m")
 
 
 @pytest.fixture(scope="module")
