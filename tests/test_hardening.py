@@ -368,6 +368,36 @@ def test_a_run_whose_steps_are_all_refused_stops_with_the_last_good_weights(tmp_
   assert initial and all(np.array_equal(v.numpy(), w) for v, w in zip(model.trainable_variables, initial))
 
 
+
+def test_no_checkpoint_is_saved_while_steps_are_refused(tmp_path, monkeypatch):
+  import bls2017
+  from utils import cli, training
+  Image.fromarray(natural_image(32, 32, 3)).save(tmp_path / "val.png")
+  parser, flags = cli.build_parser("bls2017", bls2017.add_model_flags)
+  args = parser.parse_args(["train", "--num_filters", "4", "--patch_size", "16", "--batch_size", "1",
+                            "--epochs", "1", "--steps_per_epoch", "8", "--backup_steps", "1",
+                            "--verbose", "0", "--eval_glob", str(tmp_path / "val.png"),
+                            "--model_path", str(tmp_path / "m")])
+  monkeypatch.setattr(training, "REFUSED_IN_A_ROW", 3)
+  step_end = training._StopOnNaN.on_train_batch_end
+
+  def wreck_after_step_2(self, batch, logs=None):
+    # As if step 2's update had wrecked the weights: every later loss is a spike.
+    if batch == 1:
+      self.model.spike_guard.taken.assign(1000.0)
+      self.model.spike_guard.average.assign(1e-3)
+    return step_end(self, batch, logs)
+
+  monkeypatch.setattr(training._StopOnNaN, "on_train_batch_end", wreck_after_step_2)
+  with pytest.raises(UserError, match=r"up to step 5 .* the last checkpoint from before these steps is "
+                     "kept"):
+    training.train(bls2017.build_model, args, cli.model_config("bls2017", args, flags), export=False)
+  import tensorflow as tf
+  reader = tf.train.load_checkpoint(str(tmp_path / "m" / "backup" / "chief"))
+  # Saved after steps 1 and 2, not after the refused 3, 4 and 5.
+  assert reader.get_tensor("model/optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 2
+
+
 RESUME = ["--lambda", "0.01", "--num_filters", "8", "--patch_size", "32", "--batch_size", "2",
           "--steps_per_epoch", "60", "--epochs", "2", "--backup_steps", "5", "--learning_rate", "1e-3",
           "--verbose", "0", "--deterministic"]

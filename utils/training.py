@@ -262,6 +262,11 @@ class _Backup(tf.keras.callbacks.BackupAndRestore):
   def _backup(self, epoch, batch=0):
     if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in self.model.trainable_variables):
       raise _NaNLoss(epoch + 1, batch + 1, int(self.model.optimizer.iterations.numpy()))
+    guard = getattr(self.model, "spike_guard", None)
+    if guard is not None and guard.factor and int(guard.in_a_row.numpy()) and self.signal is None:
+      # While steps are refused the weights may be what went wrong (an accepted step before the
+      # refusals wrecked them): the checkpoint to rerun from stays the one from before.
+      return
     super()._backup(epoch, batch)
 
 
@@ -351,8 +356,8 @@ def train(build_model, args, model_config, export=True):
         f"training refused its last {REFUSED_IN_A_ROW} steps up to step {total} (epoch {epoch}, step "
         f"{step}) with lambda {model_config['lambda']}: each loss was above --spike_factor "
         f"{model.spike_guard.factor:g} times the running mean {average:.4g}, or its gradient was not "
-        "finite; the last checkpoint is kept: lower --learning_rate (or raise --spike_factor) and "
-        "rerun") from None
+        "finite; the last checkpoint from before these steps is kept: lower --learning_rate (or "
+        "raise --spike_factor) and rerun to resume from it") from None
   if not export:
     return history
   fingerprint = codec.export(model, model_dir, model_config)
