@@ -69,8 +69,8 @@ class Trained:
     # --epochs 3 would then restart high on the longer curve: a warm restart that tiny hcae models
     # sometimes answer with a loss above the first epoch's, which is not what this fixture tests.
     make_optimizer = training.make_optimizer
-    training.make_optimizer = lambda a, total, model=None: make_optimizer(
-        a, self.EPOCHS * a.steps_per_epoch, model)
+    training.make_optimizer = lambda a, total, model=None, rate_scale=1.0: make_optimizer(
+        a, self.EPOCHS * a.steps_per_epoch, model, rate_scale)
     try:
       return training.train(self.module.build_model, args, config, export=export)
     finally:

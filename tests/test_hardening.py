@@ -347,7 +347,7 @@ def test_a_run_whose_steps_are_all_refused_stops_with_the_last_good_weights(tmp_
   Image.fromarray(natural_image(32, 32, 3)).save(tmp_path / "val.png")
   parser, flags = cli.build_parser("bls2017", bls2017.add_model_flags)
   args = parser.parse_args(["train", "--num_filters", "4", "--patch_size", "16", "--batch_size", "1",
-                            "--epochs", "1", "--steps_per_epoch", "8", "--verbose", "0",
+                            "--epochs", "1", "--steps_per_epoch", "8", "--verbose", "0", "--rollbacks", "1",
                             "--eval_glob", str(tmp_path / "val.png"), "--model_path", str(tmp_path / "m")])
   monkeypatch.setattr(training, "REFUSED_IN_A_ROW", 3)
   built = []
@@ -361,11 +361,66 @@ def test_a_run_whose_steps_are_all_refused_stops_with_the_last_good_weights(tmp_
     return model
 
   with pytest.raises(UserError, match=r"refused its last 3 steps up to step 3 \(epoch 1, step 3\) with "
-                     r"lambda 0.01: each loss was above --spike_factor 10 times the running mean 0.001"):
+                     r"lambda 0.01 \(after 1 rollback to the last checkpoint, each on at 0.5 times the "
+                     r"learning rate before it\): each loss was above --spike_factor 10 times the running "
+                     r"mean 0.001"):
     training.train(build, args, cli.model_config("bls2017", args, flags), export=False)
-  (model, initial), = built
-  assert int(model.optimizer.iterations.numpy()) == 3 and float(model.spike_guard.refused.numpy()) == 3
-  assert initial and all(np.array_equal(v.numpy(), w) for v, w in zip(model.trainable_variables, initial))
+  # No checkpoint was ever saved: the rollback started afresh, at half the rate, and was refused too.
+  assert len(built) == 2
+  assert built[0][0].optimizer._learning_rate.peak == 1e-3 and built[1][0].optimizer._learning_rate.peak == 5e-4
+  for model, initial in built:
+    assert int(model.optimizer.iterations.numpy()) == 3 and float(model.spike_guard.refused.numpy()) == 3
+    assert initial and all(np.array_equal(v.numpy(), w) for v, w in zip(model.trainable_variables, initial))
+
+
+@pytest.mark.parametrize("wreck", ["spike", "nan"])
+def test_a_run_that_blows_up_rolls_back_to_its_checkpoint_and_goes_on_at_half_the_rate(
+    tmp_path, monkeypatch, caplog, wreck):
+  import bls2017
+  import tensorflow as tf
+  from utils import cli, training
+  Image.fromarray(natural_image(32, 32, 3)).save(tmp_path / "val.png")
+  parser, flags = cli.build_parser("bls2017", bls2017.add_model_flags)
+  args = parser.parse_args(["train", "--num_filters", "4", "--patch_size", "16", "--batch_size", "1",
+                            "--epochs", "1", "--steps_per_epoch", "8", "--backup_steps", "1",
+                            # 16-pixel crops' losses differ by more than 10x; the wreck's are 1e4x.
+                            "--spike_factor", "1000", "--deterministic",
+                            "--verbose", "0", "--eval_glob", str(tmp_path / "val.png"),
+                            "--model_path", str(tmp_path / "m")])
+  monkeypatch.setattr(training, "REFUSED_IN_A_ROW", 3)
+  built, wrecked = [], []
+
+  def build(a):
+    model = bls2017.build_model(a)
+    model.spike_guard.warmup = 1  # the guard compares from the second step on
+    built.append(model)
+    return model
+
+  backup_step_end = training._Backup.on_train_batch_end
+
+  def wreck_once_after_step_2(self, batch, logs=None):
+    backup_step_end(self, batch, logs)  # step 2's checkpoint is saved first, with the good weights
+    if int(self.model.optimizer.iterations.numpy()) == 2 and not wrecked:
+      # As if step 2's update had wrecked the weights: the synthesis' last bias 100 too high (pixels
+      # 25 500 too bright, every later loss a spike), or NaN.
+      bias = [v for v in self.model.trainable_variables if v.name.endswith("bias:0")
+              and "DeepFactorized" not in v.name][-1]
+      bias.assign(bias + 100.0 if wreck == "spike" else tf.fill(bias.shape, float("nan")))
+      wrecked.append(bias.numpy())
+
+  monkeypatch.setattr(training._Backup, "on_train_batch_end", wreck_once_after_step_2)
+  with caplog.at_level("INFO", logger="utils.training"):
+    history = training.train(build, args, cli.model_config("bls2017", args, flags), export=False)
+  reason = "refused its last 3 steps up to step 5" if wreck == "spike" else "loss became NaN at step 3"
+  assert f"{reason} (epoch 1, step {5 if wreck == 'spike' else 3}); rolling back to the last checkpoint, " \
+         "on at 0.5 of the learning rate (rollback 1 of at most 2)" in caplog.text
+  assert "resuming from the checkpoint at step 2" in caplog.text
+  assert len(built) == 2 and history.model is built[1]
+  model = history.model
+  assert int(model.optimizer.iterations.numpy()) == 8 and model.optimizer._learning_rate.peak == 5e-4
+  assert all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in model.trainable_variables)
+  reader = tf.train.load_checkpoint(str(tmp_path / "m" / "backup" / "chief"))
+  assert reader.get_tensor("model/optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 8
 
 
 
@@ -376,7 +431,7 @@ def test_no_checkpoint_is_saved_while_steps_are_refused(tmp_path, monkeypatch):
   parser, flags = cli.build_parser("bls2017", bls2017.add_model_flags)
   args = parser.parse_args(["train", "--num_filters", "4", "--patch_size", "16", "--batch_size", "1",
                             "--epochs", "1", "--steps_per_epoch", "8", "--backup_steps", "1",
-                            "--verbose", "0", "--eval_glob", str(tmp_path / "val.png"),
+                            "--verbose", "0", "--rollbacks", "0", "--eval_glob", str(tmp_path / "val.png"),
                             "--model_path", str(tmp_path / "m")])
   monkeypatch.setattr(training, "REFUSED_IN_A_ROW", 3)
   step_end = training._StopOnNaN.on_train_batch_end

@@ -54,6 +54,10 @@ def build_parser(name, add_model_flags):
   recipe.add_argument("--spike_factor", type=float, default=10.0,
                       help="skip the update of a step whose loss exceeds this many times the running "
                       "mean of the loss, or whose gradient is not finite (0: apply every step)")
+  recipe.add_argument("--rollbacks", type=int, default=2,
+                      help="times a run stopped by a NaN loss, or by a run of refused steps (see "
+                      "--spike_factor), goes back to its last checkpoint and on at half the learning "
+                      "rate, before it stops with an error (0: stop at once)")
   recipe.add_argument("--quantization", choices=("ste", "noise"), default="ste",
                       help="what the synthesis sees in training: ste = rounded latents with a "
                       "straight-through gradient, noise = additive uniform noise (the papers); the rate "
@@ -233,8 +237,9 @@ def check_train_flags(args, model_flags):
     raise UserError(f"--clipnorm must be 0 (off) or positive, not {args.clipnorm}")
   if not (math.isfinite(args.spike_factor) and (args.spike_factor == 0 or args.spike_factor > 1)):
     raise UserError(f"--spike_factor must be 0 (off) or above 1, not {args.spike_factor}")
-  if args.warmup_steps < 0:
-    raise UserError(f"--warmup_steps must be 0 or more, not {args.warmup_steps}")
+  for flag in ("warmup_steps", "rollbacks"):
+    if getattr(args, flag) < 0:
+      raise UserError(f"--{flag} must be 0 or more, not {getattr(args, flag)}")
   int_flags = ["patch_size", "batch_size", "epochs", "steps_per_epoch", "backup_steps"]
   int_flags += [k for k in model_flags if isinstance(getattr(args, k), int)]
   for flag in int_flags:

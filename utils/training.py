@@ -136,19 +136,22 @@ class Adam(tf.keras.optimizers.Adam):
     tf.cond(tf.reduce_all(tf.math.is_finite(values)), lambda: update(gradient, variable), lambda: None)
 
 
-def make_optimizer(args, total_steps, model=None):
+def make_optimizer(args, total_steps, model=None, rate_scale=1.0):
   """Adam under the training recipe of args (see README: training recipe).
 
   cosine (default): warm-up to --learning_rate, cosine decay to --final_learning_rate over the
   run's steps. On 2 CPU cores it reaches in 15 minutes what a constant 1e-4 does not reach in an
   hour (benchmarks/convergence.py). constant: --learning_rate throughout (the papers' recipe).
   Gradients are clipped to a global norm of --clipnorm (0: no clipping; a model may ask for it).
+  `rate_scale` scales the learning rate (a rolled-back run, see train); the final rate stays at
+  most the peak.
   """
+  peak = args.learning_rate * rate_scale
   if getattr(args, "lr_schedule", "cosine") == "cosine":
-    rate = WarmupCosine(args.learning_rate, total_steps, getattr(args, "warmup_steps", 200),
-                        getattr(args, "final_learning_rate", 1e-5))
+    rate = WarmupCosine(peak, total_steps, getattr(args, "warmup_steps", 200),
+                        min(getattr(args, "final_learning_rate", 1e-5), peak))
   else:
-    rate = args.learning_rate
+    rate = peak
   clipnorm = getattr(args, "clipnorm", 0) or getattr(model, "GLOBAL_CLIPNORM", None) or None
   return Adam(learning_rate=rate, global_clipnorm=clipnorm)
 
@@ -196,6 +199,11 @@ class _NaNLoss(Exception):
 # So many refused steps in a row (utils.model.SpikeGuard) mean the weights, not some batches, went
 # wrong: training stops instead of running on without learning.
 REFUSED_IN_A_ROW = 100
+# A run stopped that way, or by a NaN loss, goes back to its last checkpoint (saved before the
+# refusals, see _Backup) and on at this share of its learning rate, at most --rollbacks times. Why:
+# one accepted step at the peak rate can wreck the weights, at random (the cpu preset's bmshj2018
+# anchor, peak 2e-3, did at step ~250 in one of two runs); stopping made the sweep's main job fail.
+ROLLBACK_RATE = 0.5
 
 
 class _Refused(Exception):
@@ -223,7 +231,7 @@ class _StopOnNaN(tf.keras.callbacks.Callback):
     guard = getattr(self.model, "spike_guard", None)
     if guard is not None and guard.factor and int(guard.in_a_row.numpy()) >= REFUSED_IN_A_ROW:
       raise _Refused(self._epoch + 1, batch + 1, int(self.model.optimizer.iterations.numpy()),
-                     float(guard.average.numpy()))
+                     float(guard.average.numpy()), guard.factor)
 
 
 class _Backup(tf.keras.callbacks.BackupAndRestore):
@@ -297,7 +305,11 @@ def train(build_model, args, model_config, export=True):
   """Trains (or resumes) the model of model_config in args.model_path and exports it (unless not
   `export`: the checkpoint alone is written).
 
-  Returns the Keras History of this invocation (empty when the run had already finished).
+  A run stopped by a NaN loss or by REFUSED_IN_A_ROW refused steps rolls back to its last checkpoint
+  and goes on at ROLLBACK_RATE of the learning rate, at most `args.rollbacks` times.
+
+  Returns the Keras History of this invocation (empty when the run had already finished); its
+  `model` is the trained model.
   """
   pool_cpu_memory()
   # First: MultiWorkerMirroredStrategy must exist before other TensorFlow work in the process.
@@ -317,11 +329,37 @@ def train(build_model, args, model_config, export=True):
   if init_from:
     check_warm_start(init_from, model_config)
   check_model_dir(model_dir, model_config)
+  rollbacks, rate_scale = getattr(args, "rollbacks", 0), 1.0
+  log.info("training %s (lambda %g) into %s: %d epochs x %d steps, batch %d, patch %d",
+           model_config["codec"], model_config["lambda"], model_dir, args.epochs,
+           args.steps_per_epoch, args.batch_size, args.patch_size)
+  for done in range(rollbacks + 1):
+    try:
+      history = _fit(build_model, args, model_config, strategy, train_ds, val_ds, rate_scale)
+      break
+    except (_NaNLoss, _Refused) as e:
+      if done == rollbacks:
+        raise _stopped_error(e, model_config, done) from None
+      rate_scale *= ROLLBACK_RATE
+      log.warning("%s; rolling back to the last checkpoint, on at %g of the learning rate (rollback "
+                  "%d of at most %d)", _stop_reason(e), rate_scale, done + 1, rollbacks)
+  if not export:
+    return history
+  fingerprint = codec.export(history.model, model_dir, model_config)
+  log.info("exported %s (weights %s)", os.path.join(model_dir, codec.SAVED_MODEL), fingerprint.hex())
+  return history
+
+
+def _fit(build_model, args, model_config, strategy, train_ds, val_ds, rate_scale):
+  """One model.fit of a fresh model, from the last checkpoint when there is one."""
+  model_dir = args.model_path
+  init_from = getattr(args, "init_from", None)
   with strategy.scope():
     model = build_model(args)
     model.quantization = getattr(args, "quantization", model.quantization)
     model.spike_guard.factor = getattr(args, "spike_factor", model.spike_guard.factor)
-    model.compile(optimizer=make_optimizer(args, args.epochs * args.steps_per_epoch, model))
+    model.compile(optimizer=make_optimizer(args, args.epochs * args.steps_per_epoch, model,
+                                           rate_scale=rate_scale))
     # Slots now, not at the first step: a resumed run restores them even when no step is left to run.
     model.optimizer.build(model.trainable_variables)
     if init_from and not _has_checkpoint(model_dir):
@@ -336,30 +374,33 @@ def train(build_model, args, model_config, export=True):
       tf.keras.callbacks.TensorBoard(os.path.join(model_dir, LOGS), write_graph=False,
                                      update_freq="epoch"),
   ]
-  log.info("training %s (lambda %g) into %s: %d epochs x %d steps, batch %d, patch %d",
-           model_config["codec"], model_config["lambda"], model_dir, args.epochs,
-           args.steps_per_epoch, args.batch_size, args.patch_size)
-  try:
-    with _stopping_on_signals(backup):
-      history = model.fit(train_ds, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-                          validation_data=val_ds, validation_freq=1, callbacks=callbacks,
-                          verbose=args.verbose)
-  except _NaNLoss as e:
-    epoch, step, total = e.args
-    raise UserError(
-        f"loss became NaN at step {total} (epoch {epoch}, step {step}) with lambda "
-        f"{model_config['lambda']}; the last checkpoint before it is kept: lower --learning_rate "
-        "and rerun") from None
-  except _Refused as e:
-    epoch, step, total, average = e.args
-    raise UserError(
-        f"training refused its last {REFUSED_IN_A_ROW} steps up to step {total} (epoch {epoch}, step "
-        f"{step}) with lambda {model_config['lambda']}: each loss was above --spike_factor "
-        f"{model.spike_guard.factor:g} times the running mean {average:.4g}, or its gradient was not "
-        "finite; the last checkpoint from before these steps is kept: lower --learning_rate (or "
-        "raise --spike_factor) and rerun to resume from it") from None
-  if not export:
-    return history
-  fingerprint = codec.export(model, model_dir, model_config)
-  log.info("exported %s (weights %s)", os.path.join(model_dir, codec.SAVED_MODEL), fingerprint.hex())
+  with _stopping_on_signals(backup):
+    history = model.fit(train_ds, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                        validation_data=val_ds, validation_freq=1, callbacks=callbacks,
+                        verbose=args.verbose)
+  history.model = model  # also when fit had no epoch left to run
   return history
+
+
+def _stop_reason(e):
+  if isinstance(e, _NaNLoss):
+    epoch, step, total = e.args
+    return f"loss became NaN at step {total} (epoch {epoch}, step {step})"
+  epoch, step, total, average, factor = e.args
+  return (f"training refused its last {REFUSED_IN_A_ROW} steps up to step {total} (epoch {epoch}, "
+          f"step {step})")
+
+
+def _stopped_error(e, model_config, rollbacks):
+  after = (f" (after {rollbacks} rollback{'s' if rollbacks > 1 else ''} to the last checkpoint, "
+           f"each on at {ROLLBACK_RATE:g} times the learning rate before it)" if rollbacks else "")
+  if isinstance(e, _NaNLoss):
+    return UserError(
+        f"{_stop_reason(e)} with lambda {model_config['lambda']}{after}; the last checkpoint before "
+        "it is kept: lower --learning_rate and rerun")
+  epoch, step, total, average, factor = e.args
+  return UserError(
+      f"{_stop_reason(e)} with lambda {model_config['lambda']}{after}: each loss was above "
+      f"--spike_factor {factor:g} times the running mean {average:.4g}, or its gradient was not "
+      "finite; the last checkpoint from before these steps is kept: lower --learning_rate (or "
+      "raise --spike_factor) and rerun to resume from it")
