@@ -12,6 +12,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from tools.fuzz import natural_image  # noqa: E402,F401  (one photo-like test image for tests and fuzzer)
 
 
+def allocator_env(bfc):
+  """The environment for a subprocess whose CPU allocator a test probes with get_memory_info:
+  TF_CPU_ALLOCATOR_USE_BFC set to `bfc` (None: unset), and oneDNN off. With oneDNN on (TensorFlow's
+  default on CPUs with AVX-512 VNNI or AMX, such as this machine's of 2026-12-06), get_memory_info
+  has statistics under malloc too, and the probe could not tell the allocators apart."""
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
+  env["TF_ENABLE_ONEDNN_OPTS"] = "0"
+  if bfc is not None:
+    env["TF_CPU_ALLOCATOR_USE_BFC"] = bfc
+  return env
+
+
 def run_script(script, *args, env=None, cwd=None):
   """Runs `python script args...` in a fresh process; returns the CompletedProcess."""
   full_env = dict(os.environ, **(env or {}))

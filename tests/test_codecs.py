@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, TINY, natural_image, run_script
+from conftest import ROOT, TINY, allocator_env, natural_image, run_script
 from utils import bitstream, codec, metrics, rd
 from utils.errors import UserError
 
@@ -104,9 +104,7 @@ except ValueError:
   print("malloc")
 print(sorted(m for m in sys.modules if m.startswith(("tensorflow_probability", "tensorflow_compression."))))
 """
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
-    if setting is not None:
-      env["TF_CPU_ALLOCATOR_USE_BFC"] = setting
+    env = allocator_env(setting)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
                          env=env, timeout=300)
     assert out.returncode == 0, out.stderr

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import COMMON, ROOT, TINY
+from conftest import COMMON, ROOT, TINY, allocator_env
 from utils import codec, training
 from utils.errors import UserError
 from utils.model import CompressionModel
@@ -219,13 +219,7 @@ def test_training_pools_cpu_memory_unless_told_not_to_with_the_same_bits(tmp_pat
   weights (the exported file's fingerprint) and codes the same file."""
   outputs = {}
   for setting in (None, "false"):
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
-    # With oneDNN on (TensorFlow's default on CPUs with AVX-512 VNNI or AMX, such as this one of
-    # 2026-12-06) get_memory_info has statistics under malloc too, and the probe below could not
-    # tell the allocators apart.
-    env["TF_ENABLE_ONEDNN_OPTS"] = "0"
-    if setting is not None:
-      env["TF_CPU_ALLOCATOR_USE_BFC"] = setting
+    env = allocator_env(setting)
     code = POOLED_TRAINING.format(root=ROOT, model_path=str(tmp_path / f"model-{setting}"))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                             cwd=os.path.join(ROOT, "tests"), timeout=600)
