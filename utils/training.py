@@ -378,15 +378,13 @@ def _fit(build_model, args, model_config, strategy, train_ds, val_ds, rate_scale
     history = model.fit(train_ds, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                         validation_data=val_ds, validation_freq=1, callbacks=callbacks,
                         verbose=args.verbose)
-  history.model = model  # also when fit had no epoch left to run
   return history
 
 
 def _stop_reason(e):
+  epoch, step, total = e.args[:3]  # both exceptions start with these
   if isinstance(e, _NaNLoss):
-    epoch, step, total = e.args
     return f"loss became NaN at step {total} (epoch {epoch}, step {step})"
-  epoch, step, total, average, factor = e.args
   return (f"training refused its last {REFUSED_IN_A_ROW} steps up to step {total} (epoch {epoch}, "
           f"step {step})")
 
@@ -398,7 +396,7 @@ def _stopped_error(e, model_config, rollbacks):
     return UserError(
         f"{_stop_reason(e)} with lambda {model_config['lambda']}{after}; the last checkpoint before "
         "it is kept: lower --learning_rate and rerun")
-  epoch, step, total, average, factor = e.args
+  average, factor = e.args[3:]
   return UserError(
       f"{_stop_reason(e)} with lambda {model_config['lambda']}{after}: each loss was above "
       f"--spike_factor {factor:g} times the running mean {average:.4g}, or its gradient was not "
