@@ -1,5 +1,5 @@
-"""The benchmark tools' own logic (their timings are never tested): the training-step profile and
-the convergence run."""
+"""The benchmark tools' own logic (their timings are never tested): the training-step profile, the
+convergence run, and the whole-versus-tiles rate."""
 import json
 import math
 import os
@@ -7,7 +7,10 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import convergence  # noqa: E402
+import pytest  # noqa: E402
 import train_step  # noqa: E402
+
+from conftest import natural_image  # noqa: E402
 
 
 def test_profile_attributes_kernel_time_to_ops_and_passes(tmp_path, capsys):
@@ -76,3 +79,45 @@ def test_the_budget_clock_counts_steps_not_the_fits_start_up(monkeypatch):
   monkeypatch.setattr(convergence.time, "perf_counter", lambda: 7.0)
   single.on_train_batch_end(0, {"loss": 1.0})
   assert single.seconds(wall=7.25) == 7.25  # one step: nothing to measure the pace by
+
+
+def test_tiles_codes_each_photo_whole_and_as_separate_tiles(trained, image_folder, tmp_path, capsys):
+  import numpy as np
+  from PIL import Image
+  import tiles
+  from utils import bitstream
+  # One image exactly one 32-pixel tile, one of two by three tiles plus a strip left out.
+  Image.fromarray(natural_image(32, 32, 7)).save(image_folder / "one_tile.png")
+  Image.fromarray(natural_image(70, 96, 8)).save(image_folder / "six_tiles.png")
+  out = tmp_path / "tiles.json"
+  assert tiles.main([trained.model_path, "--tiles", "32,128", "--eval_glob", str(image_folder / "*_tile*.png"),
+                     "--json", str(out)]) == 0
+  result, = json.loads(out.read_text())
+  rows = {r["image"]: r for r in result["images"]}
+  assert set(rows) == {"one_tile.png", "six_tiles.png"} and result["codec"] == trained.name
+  # Whole: the payload of the very file `compress` writes, over the image's pixels.
+  lic = tmp_path / "one_tile.lic"
+  assert trained.main("compress", str(image_folder / "one_tile.png"), str(lic),
+                      "--model_path", trained.model_path) == 0
+  _, strings = bitstream.unpack(lic.read_bytes())
+  assert rows["one_tile.png"]["whole"] == 8 * sum(map(len, strings)) / (32 * 32)
+  # A tile that is the whole image codes it whole; a tile larger than the image codes nothing.
+  assert rows["one_tile.png"]["tiles"]["32"] == rows["one_tile.png"]["whole"]
+  assert rows["one_tile.png"]["tiles"]["128"] is None
+  # Six tiles, each coded on its own: their bits over their pixels, the last 6 rows left out.
+  image = np.asarray(Image.open(image_folder / "six_tiles.png"))
+  codec = tiles.Codec(trained.model_path, part="encoder")
+  bits = sum(tiles.payload_bits(codec, image[r:r + 32, c:c + 32]) for r in (0, 32) for c in (0, 32, 64))
+  assert rows["six_tiles.png"]["tiles"]["32"] == bits / (6 * 32 * 32)
+  ratio = np.mean([rows[n]["whole"] / rows[n]["tiles"]["32"] for n in rows])
+  assert result["whole_over_tiles"]["32"] == pytest.approx(ratio) and result["whole_over_tiles"]["128"] is None
+  assert "whole / tiles" in capsys.readouterr().out
+
+
+def test_tiles_refuses_bad_sizes_and_missing_models(tmp_path, capsys):
+  import tiles
+  with pytest.raises(SystemExit) as stop:
+    tiles.main([str(tmp_path), "--tiles", "64,0"])
+  assert stop.value.code == 2 and "--tiles" in capsys.readouterr().err
+  assert tiles.main([str(tmp_path / "nothing")]) == 2
+  assert "no trained model" in capsys.readouterr().err
