@@ -86,6 +86,7 @@ def test_tiles_codes_each_photo_whole_and_as_separate_tiles(trained, image_folde
   from PIL import Image
   import tiles
   from utils import bitstream
+  from utils.codec import Codec
   # One image exactly one 32-pixel tile, one of two by three tiles plus a strip left out.
   Image.fromarray(natural_image(32, 32, 7)).save(image_folder / "one_tile.png")
   Image.fromarray(natural_image(70, 96, 8)).save(image_folder / "six_tiles.png")
@@ -106,7 +107,7 @@ def test_tiles_codes_each_photo_whole_and_as_separate_tiles(trained, image_folde
   assert rows["one_tile.png"]["tiles"]["128"] is None
   # Six tiles, each coded on its own: their bits over their pixels, the last 6 rows left out.
   image = np.asarray(Image.open(image_folder / "six_tiles.png"))
-  codec = tiles.Codec(trained.model_path, part="encoder")
+  codec = Codec(trained.model_path, part="encoder")
   bits = sum(tiles.payload_bits(codec, image[r:r + 32, c:c + 32]) for r in (0, 32) for c in (0, 32, 64))
   assert rows["six_tiles.png"]["tiles"]["32"] == bits / (6 * 32 * 32)
   ratio = np.mean([rows[n]["whole"] / rows[n]["tiles"]["32"] for n in rows])
