@@ -93,7 +93,7 @@ def test_tiles_codes_each_photo_whole_and_as_separate_tiles(trained, image_folde
   out = tmp_path / "tiles.json"
   assert tiles.main([trained.model_path, "--tiles", "32,128", "--eval_glob", str(image_folder / "*_tile*.png"),
                      "--json", str(out)]) == 0
-  result, = json.loads(out.read_text())
+  result, = json.loads(out.read_text())["models"]
   rows = {r["image"]: r for r in result["images"]}
   assert set(rows) == {"one_tile.png", "six_tiles.png"} and result["codec"] == trained.name
   # Whole: the payload of the very file `compress` writes, over the image's pixels.
@@ -115,10 +115,67 @@ def test_tiles_codes_each_photo_whole_and_as_separate_tiles(trained, image_folde
   assert "whole / tiles" in capsys.readouterr().out
 
 
+def test_tiles_decode_counts_whole_files_and_the_assembled_psnr(trained, image_folder, tmp_path):
+  import numpy as np
+  from PIL import Image
+  import tiles
+  from utils import metrics
+  from utils.codec import Codec
+  Image.fromarray(natural_image(70, 96, 8)).save(image_folder / "nine_tiles.png")
+  out = tmp_path / "tiles.json"
+  assert tiles.main([trained.model_path, "--tiles", "32,128", "--decode", "--eval_glob",
+                     str(image_folder / "nine_tiles.png"), "--json", str(out)]) == 0
+  coded = json.loads(out.read_text())["models"][0]["images"][0]["coded"]
+  # Whole: the file `compress` writes, framing included, and the PSNR of what `decompress` makes of it.
+  lic, png = tmp_path / "nine.lic", tmp_path / "nine.png"
+  assert trained.main("compress", str(image_folder / "nine_tiles.png"), str(lic), "--model_path", trained.model_path) == 0
+  assert trained.main("decompress", str(lic), str(png), "--model_path", trained.model_path) == 0
+  image = np.asarray(Image.open(image_folder / "nine_tiles.png"))
+  assert coded["whole"] == [metrics.bpp(lic.stat().st_size, 70, 96),
+                            pytest.approx(metrics.psnr(image, np.asarray(Image.open(png))))]
+  # 32-pixel tiles cover every pixel: three rows (the last 6 high) by three columns, nine files.
+  codec = Codec(trained.model_path)
+  decoded, size = np.zeros_like(image), 0
+  for r in (0, 32, 64):
+    for c in (0, 32, 64):
+      file = codec.encode(image[r:r + 32, c:c + 32])[0]
+      size += len(file)
+      decoded[r:r + 32, c:c + 32] = codec.decode(file)
+  assert coded["32"] == [metrics.bpp(size, 70, 96), pytest.approx(metrics.psnr(image, decoded))]
+  assert coded["32"][0] > coded["whole"][0]  # nine headers and checks where the whole file has one
+  # A tile larger than the image is the whole image.
+  assert coded["128"] == coded["whole"]
+
+
+def test_tiles_bd_rate_against_the_jpeg_rows(tmp_path):
+  import tiles
+  from utils import rd
+  points = tmp_path / "rd_points.csv"
+  jpeg = [(0.25, 27.0), (0.5, 30.0), (1.0, 33.0)]
+  rows = [dict(codec="jpeg", setting=q, image="a.png", bpp=b, psnr=p) for q, (b, p) in enumerate(jpeg)]
+  rows += [dict(codec="bls2017", setting=q, image="a.png", bpp=b / 2, psnr=p) for q, (b, p) in enumerate(jpeg)]
+  rd.write_points(str(points), rows)
+  # One photo per model directory: its whole file at twice JPEG's rate for the same PSNR, its tiles at half.
+  results = [dict(codec="bmshj2018", model_dir=f"lambda{i}",
+                  images=[dict(image="a.png", coded={"whole": [2 * b, p], "128": [b / 2, p]})])
+             for i, (b, p) in enumerate(jpeg)]
+  # Only the jpeg rows are the anchor (bls2017's are not): twice its rate is +100 %, half -50 %.
+  assert tiles.bd_rates(results, str(points)) == {
+      "bmshj2018": {"whole": pytest.approx(100.0), "128": pytest.approx(-50.0)}}
+  # One model directory is one point: no curve, no BD-rate, and no error either.
+  assert tiles.bd_rates(results[:1], str(points)) == {"bmshj2018": {"whole": None, "128": None}}
+
+
 def test_tiles_refuses_bad_sizes_and_missing_models(tmp_path, capsys):
   import tiles
   with pytest.raises(SystemExit) as stop:
     tiles.main([str(tmp_path), "--tiles", "64,0"])
   assert stop.value.code == 2 and "--tiles" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as stop:
+    tiles.main([str(tmp_path), "--jpeg_points", str(tmp_path / "rd_points.csv")])
+  assert stop.value.code == 2 and "--jpeg_points needs --decode" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as stop:
+    tiles.main([str(tmp_path), "--decode", "--jpeg_points", str(tmp_path / "rd_points.csv")])
+  assert stop.value.code == 2 and "no file" in capsys.readouterr().err
   assert tiles.main([str(tmp_path / "nothing")]) == 2
   assert "no trained model" in capsys.readouterr().err
