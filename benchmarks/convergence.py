@@ -120,7 +120,8 @@ def probe_step_time(script, args, steps=40, warmup=5):
   model.compile(optimizer=training.make_optimizer(args, 1000, model))
   clock = StepClock()
   ds = data.train_dataset(args.dataset, args.patch_size, args.batch_size, train_glob=args.train_glob)
-  model.fit(ds, epochs=1, steps_per_epoch=warmup + steps, callbacks=[clock], verbose=0)
+  with training.training_precision(args.precision):
+    model.fit(ds, epochs=1, steps_per_epoch=warmup + steps, callbacks=[clock], verbose=0)
   return (clock.ends[-1] - clock.ends[warmup - 1]) / steps
 
 
@@ -206,8 +207,9 @@ def main(argv=None):
     while step < total:
       steps = min(chunk, total - step)
       start, clock = time.perf_counter(), StepClock()
-      history = model.fit(ds, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps, verbose=0,
-                          callbacks=[clock])
+      with training.training_precision(args.precision):  # the checkpoints' coding stays float32
+        history = model.fit(ds, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps, verbose=0,
+                            callbacks=[clock])
       trained_s += clock.seconds(time.perf_counter() - start)
       step, epoch = step + steps, epoch + 1
       loss = float(history.history["loss"][-1])

@@ -122,11 +122,12 @@ def train_step(model, args):
     out = os.path.join(tmp, "step.json")
     argv = [sys.executable, "benchmarks/train_step.py", "--model", model, "--json", out,
             "--steps", str(args.steps), "--warmup", str(args.warmup), *WIDTHS[model],
-            "--patch_size", "256", "--batch_size", "8"]
+            "--patch_size", "256", "--batch_size", "8", "--precision", args.precision]
     rss = check(run_process(argv), f"the {model} training-step benchmark")[1]
     with open(out) as f:
       result = json.load(f)
-  return dict(step_s=result["median_step_s"], images_per_s=result["images_per_s"], train_rss_mib=rss)
+  return dict(step_s=result["median_step_s"], images_per_s=result["images_per_s"], train_rss_mib=rss,
+              precision=result["precision"])
 
 
 def cli_coding(model, model_path, image_path, args):
@@ -202,6 +203,8 @@ def main(argv=None):
   parser.add_argument("--skip", default="", help="comma-separated parts to skip: train, cli, coding")
   parser.add_argument("--steps", type=int, help="timed training steps (default 10, --quick 4)")
   parser.add_argument("--warmup", type=int, help="untimed training steps first (default 3, --quick 2)")
+  parser.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="float32",
+                      help="arithmetic of the timed training steps (train --precision; default: %(default)s)")
   parser.add_argument("--repeats", type=int, help="runs of each coding measure (default 5, --quick 3)")
   parser.add_argument("--models_dir", default=os.path.join(ROOT, "models", "benchmark"),
                       help="trained models for the coding measures (made if missing; default: %(default)s)")

@@ -109,17 +109,20 @@ def main(argv=None):
   # The optimizer of a real run: the recipe's schedule and gradient clipping.
   model.compile(optimizer=training.make_optimizer(args, 1000, model))
   timer = _StepTimer()
-  model.fit(ds, epochs=1, steps_per_epoch=known.warmup + known.steps, callbacks=[timer], verbose=0)
+  with training.training_precision(args.precision):
+    model.fit(ds, epochs=1, steps_per_epoch=known.warmup + known.steps, callbacks=[timer], verbose=0)
   times = timer.times[known.warmup:]
   result = dict(model=known.model, num_filters=getattr(args, "num_filters", None),
-                patch_size=args.patch_size, batch_size=args.batch_size, steps=len(times),
+                patch_size=args.patch_size, batch_size=args.batch_size,
+                precision=training.resolve_precision(args.precision), steps=len(times),
                 median_step_s=statistics.median(times), min_step_s=min(times),
                 images_per_s=args.batch_size / statistics.median(times),
                 device=("GPU" if tf.config.list_logical_devices("GPU") else "CPU"),
                 cpu_count=os.cpu_count(), machine=platform.machine(), tensorflow=tf.__version__)
   print(json.dumps(result, indent=1))
   if known.profile:
-    result["kernels"] = profile(model, ds, known.profile_steps)
+    with training.training_precision(args.precision):
+      result["kernels"] = profile(model, ds, known.profile_steps)
   if known.json:
     with open(known.json, "w") as f:
       json.dump(result, f, indent=1)

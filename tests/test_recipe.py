@@ -227,3 +227,62 @@ def test_training_pools_cpu_memory_unless_told_not_to_with_the_same_bits(tmp_pat
     assert outputs[setting][0] == "0", result.stdout + result.stderr
   assert outputs[None][1] == "pooled" and outputs["false"][1] == "malloc"
   assert outputs[None][2] == outputs["false"][2]
+
+
+def test_bfloat16_precision_holds_only_inside_its_scope():
+  x = tf.random.stateless_normal([2, 32, 32, 16], seed=(1, 2))
+  w = tf.random.stateless_normal([3, 3, 16, 16], seed=(3, 4))
+  conv = tf.function(lambda x, w: tf.nn.conv2d(x, w, 1, "SAME"))
+  exact = tf.nn.conv2d(x, w, 1, "SAME").numpy()
+  with training.training_precision("bfloat16"):
+    inside = conv(x, w).numpy()
+  # The same function, called again after the scope: float32 again.
+  assert np.array_equal(conv(x, w).numpy(), exact)
+  with training.training_precision("float32"):
+    assert np.array_equal(conv(x, w).numpy(), exact)
+  assert np.allclose(inside, exact, rtol=0.05, atol=0.05 * np.abs(exact).max())
+  if training.native_bfloat16():  # elsewhere oneDNN may leave the graph as it is
+    assert not np.array_equal(inside, exact)
+  with pytest.raises(ValueError):
+    with training.training_precision("float16"):
+      pass
+
+
+def test_auto_precision_is_bfloat16_only_on_a_cpu_that_has_it(monkeypatch):
+  for native, expected in ((True, "bfloat16"), (False, "float32")):
+    monkeypatch.setattr(training, "native_bfloat16", lambda: native)
+    assert training.resolve_precision("auto") == expected
+    assert training.resolve_precision("float32") == "float32"
+    assert training.resolve_precision("bfloat16") == "bfloat16"
+
+
+def test_a_bfloat16_trained_model_codes_as_a_float32_process_does(tmp_path, image_folder):
+  """Training at bfloat16 changes the weights it reaches, not how the exported codec computes: the
+  training process compresses, after its fit, the same bytes as a fresh process does."""
+  import bls2017
+  from PIL import Image
+  from conftest import run_script
+  from utils import cli
+  model_path = str(tmp_path / "model")
+  argv = ["train", *COMMON, *TINY["bls2017"], "--epochs", "2", "--precision", "bfloat16", "--deterministic",
+          "--eval_glob", str(image_folder / "a.png"), "--model_path", model_path]
+  assert cli.main("bls2017", bls2017.build_model, bls2017.add_model_flags, argv) == 0
+  logs = training_logs(model_path)
+  assert all(np.isfinite(logs["epoch_loss"])) and logs["epoch_loss"][1] < logs["epoch_loss"][0]
+  image = np.asarray(Image.open(image_folder / "c.png").convert("RGB"))
+  here = codec.Codec(model_path).encode(image)[0]
+  out = tmp_path / "c.lic"
+  result = run_script("bls2017.py", "compress", image_folder / "c.png", out, "--model_path", model_path)
+  assert result.returncode == 0, result.stderr
+  assert out.read_bytes() == here
+
+
+def training_logs(model_path):
+  """{tag: [value per epoch]} of a model directory's TensorBoard training logs."""
+  import glob
+  values = {}
+  for path in glob.glob(os.path.join(model_path, training.LOGS, "train", "events*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        values.setdefault(v.tag, {})[event.step] = float(tf.make_ndarray(v.tensor))
+  return {tag: [steps[s] for s in sorted(steps)] for tag, steps in values.items()}

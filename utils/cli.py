@@ -62,6 +62,11 @@ def build_parser(name, add_model_flags):
                       help="what the synthesis sees in training: ste = rounded latents with a "
                       "straight-through gradient, noise = additive uniform noise (the papers); the rate "
                       "term uses noise either way")
+  recipe.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="float32",
+                      help="arithmetic of the training steps: bfloat16 runs their convolutions in "
+                      "bfloat16 (variables, optimizer and the exported codec stay float32), faster "
+                      "on CPUs with AVX512-BF16 or AMX, slower on others; auto: bfloat16 on such a "
+                      "CPU without a GPU, else float32 (README: training recipe)")
   recipe.add_argument("--init_from", metavar="MODEL_DIR",
                       help="start from the weights of this trained model (same codec and shape, any "
                       "lambda): the warm start of a lambda sweep; ignored when resuming")

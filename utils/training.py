@@ -156,6 +156,57 @@ def make_optimizer(args, total_steps, model=None, rate_scale=1.0):
   return Adam(learning_rate=rate, global_clipnorm=clipnorm)
 
 
+# grappler's oneDNN rewrite: float32 convolutions, matrix products and the elementwise ops around
+# them run in bfloat16 (casts inserted at the edges), the variables and the optimizer stay float32.
+BFLOAT16_REWRITE = "auto_mixed_precision_onednn_bfloat16"
+
+
+def native_bfloat16():
+  """Whether this CPU computes bfloat16 itself (AVX512-BF16 or AMX, read from /proc/cpuinfo);
+  elsewhere oneDNN emulates it, slower than float32."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = set(f.read().split())
+  except OSError:
+    return False
+  return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(precision):
+  """`precision` with "auto" made bfloat16 where the CPU computes it itself and no GPU is used
+  (a GPU's ops are not rewritten), float32 elsewhere."""
+  if precision == "auto":
+    return "bfloat16" if native_bfloat16() and not tf.config.list_logical_devices("GPU") else "float32"
+  return precision
+
+
+@contextlib.contextmanager
+def training_precision(precision):
+  """Runs what is inside (the steps and validation of a fit) at `precision` (see resolve_precision).
+
+  float32: as written. bfloat16: every graph function executed inside is rewritten by
+  BFLOAT16_REWRITE; the option is read at each call, so functions run after it (export, coding)
+  are float32 again, and the files a model codes do not depend on how it was trained. Ops placed
+  on a GPU are not rewritten.
+  """
+  precision = resolve_precision(precision)
+  if precision == "float32":
+    yield
+    return
+  if precision != "bfloat16":
+    raise ValueError(f"unknown precision {precision!r}")
+  if tf.config.list_logical_devices("GPU"):
+    log.warning("--precision bfloat16 rewrites the ops on the CPU only; those on the GPU stay float32")
+  elif not native_bfloat16():
+    log.warning("this CPU has no bfloat16 instructions (AVX512-BF16, AMX): oneDNN emulates them, "
+                "and --precision bfloat16 will likely be slower than float32")
+  tf.config.optimizer.set_experimental_options({BFLOAT16_REWRITE: True})
+  try:
+    yield
+  finally:
+    tf.config.optimizer.set_experimental_options({BFLOAT16_REWRITE: False})
+
+
 def restore_weights(model, source_dir, build):
   """Initialises `model` from the last checkpoint in `source_dir` (a trained model directory): the
   warm start of a lambda sweep. Weights only: the optimizer and its step count start afresh, so the
@@ -330,9 +381,10 @@ def train(build_model, args, model_config, export=True):
     check_warm_start(init_from, model_config)
   check_model_dir(model_dir, model_config)
   rollbacks, rate_scale = getattr(args, "rollbacks", 0), 1.0
-  log.info("training %s (lambda %g) into %s: %d epochs x %d steps, batch %d, patch %d",
+  log.info("training %s (lambda %g) into %s: %d epochs x %d steps, batch %d, patch %d, %s",
            model_config["codec"], model_config["lambda"], model_dir, args.epochs,
-           args.steps_per_epoch, args.batch_size, args.patch_size)
+           args.steps_per_epoch, args.batch_size, args.patch_size,
+           resolve_precision(getattr(args, "precision", "float32")))
   for done in range(rollbacks + 1):
     try:
       history = _fit(build_model, args, model_config, strategy, train_ds, val_ds, rate_scale)
@@ -374,7 +426,7 @@ def _fit(build_model, args, model_config, strategy, train_ds, val_ds, rate_scale
       tf.keras.callbacks.TensorBoard(os.path.join(model_dir, LOGS), write_graph=False,
                                      update_freq="epoch"),
   ]
-  with _stopping_on_signals(backup):
+  with _stopping_on_signals(backup), training_precision(getattr(args, "precision", "float32")):
     history = model.fit(train_ds, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                         validation_data=val_ds, validation_freq=1, callbacks=callbacks,
                         verbose=args.verbose)
