@@ -78,7 +78,7 @@ def hyper_synthesis_transform(num_filters, latent_depth):
 
 class BMSHJ2018Model(CompressionModel):
   NAME = "bmshj2018"
-  DOWNSAMPLING = 16  # of the analysis; z is ceil(y / 4), and the hyper-synthesis output is cropped
+  DOWNSAMPLING = 16  # of the analysis; z is ceil(y / 4) (see side_information)
   STRING_NAMES = ("z", "y")  # the short side information first, the long y string last
 
   def __init__(self, lmbda, num_filters=128, latent_depth=192, **kwargs):
@@ -92,9 +92,24 @@ class BMSHJ2018Model(CompressionModel):
     self.z_model = self.y_model = self.exact_hyper_synthesis = self.synthesis64 = None
     self.build((None, None, None, 3))
 
+  def side_information(self, y):
+    """z of the latents y, measured where the hyper-synthesis puts its predictions.
+
+    |y| is zero-padded at the bottom and right to a multiple of 4 first. A stride-2 "same"
+    convolution centres its windows one position further on an even input than on an odd one,
+    while the hyper-synthesis (transposed convolutions) always places its output as for even
+    inputs, which training crops (multiples of 64 pixels) always give. Unpadded, a photo whose y is
+    not a multiple of 4 in a dimension had its scales predicted 1-3 latents (16-48 pixels) away
+    from where z was measured: coffee (400x600) estimated at 2.53 bpp, 0.73 with the same weights
+    padded. The decoder needs no change: z keeps its shape, ceil(y / 4).
+    """
+    height, width = tf.shape(y)[1], tf.shape(y)[2]
+    magnitude = tf.pad(tf.abs(y), [[0, 0], [0, (-height) % 4], [0, (-width) % 4], [0, 0]])
+    return self.hyper_analysis(magnitude)
+
   def forward(self, x, training):
     y = self.analysis(x)
-    z = self.hyper_analysis(tf.abs(y))
+    z = self.side_information(y)
     z_hat, z_bits = factorized(self.hyperprior, False)(z, training=training)
     indexes = self.hyper_synthesis(z_hat)[:, :tf.shape(y)[1], :tf.shape(y)[2], :]
     y_tilde, y_bits = gaussian_conditional(False)(y, indexes, training=training)
@@ -114,7 +129,7 @@ class BMSHJ2018Model(CompressionModel):
 
   def encode(self, x):
     y = self.analysis(x)
-    z = self.hyper_analysis(tf.abs(y))
+    z = self.side_information(y)
     z_hat = tf.round(z)  # what z_model.compress codes (integer quantization, no offsets)
     indexes = self.scale_indexes(z_hat)[:, :tf.shape(y)[1], :tf.shape(y)[2], :]
     _, z_bits = self.z_model(z, training=False)
