@@ -265,7 +265,9 @@ def test_evaluate_writes_rd_points_from_real_files(trained, image_folder, tmp_pa
     h, w = Image.open(image_folder / row["image"]).size[::-1]
     size = os.path.getsize(files / (row["image"] + ".lic"))
     assert row["bpp"] == pytest.approx(8 * size / (h * w), abs=1e-5)
-    assert row["est_bpp"] > 0 and 0 < row["ms_ssim"] <= 1 and row["psnr"] > 0
+    # tf.image.ssim_multiscale clips each scale's terms at 0: a tiny model whose reconstruction
+    # has lost the photo's structure scores exactly 0 (the hcae fixture did once in CI).
+    assert row["est_bpp"] > 0 and 0 <= row["ms_ssim"] <= 1 and row["psnr"] > 0
 
 
 def test_factorized_tables_built_in_a_graph_are_the_librarys():
