@@ -120,6 +120,7 @@ def test_tiles_decode_counts_whole_files_and_the_assembled_psnr(trained, image_f
   from PIL import Image
   import tiles
   from utils import metrics
+  from utils import bitstream
   from utils.codec import Codec
   Image.fromarray(natural_image(70, 96, 8)).save(image_folder / "nine_tiles.png")
   out = tmp_path / "tiles.json"
@@ -135,14 +136,17 @@ def test_tiles_decode_counts_whole_files_and_the_assembled_psnr(trained, image_f
                             pytest.approx(metrics.psnr(image, np.asarray(Image.open(png))))]
   # 32-pixel tiles cover every pixel: three rows (the last 6 high) by three columns, nine files.
   codec = Codec(trained.model_path)
-  decoded, size = np.zeros_like(image), 0
+  decoded, size, framing = np.zeros_like(image), 0, 0
   for r in (0, 32, 64):
     for c in (0, 32, 64):
       file = codec.encode(image[r:r + 32, c:c + 32])[0]
       size += len(file)
+      framing += bitstream.framing_bytes(file)
       decoded[r:r + 32, c:c + 32] = codec.decode(file)
   assert coded["32"] == [metrics.bpp(size, 70, 96), pytest.approx(metrics.psnr(image, decoded))]
-  assert coded["32"][0] > coded["whole"][0]  # nine headers and checks where the whole file has one
+  # Nine headers and checks where the whole file has one. (Not the totals: a tiny model's payload
+  # can be smaller in tiles, as the hcae fixture's was once in CI.)
+  assert framing > bitstream.framing_bytes(lic.read_bytes())
   # A tile larger than the image is the whole image.
   assert coded["128"] == coded["whole"]
 
