@@ -25,7 +25,7 @@ tfc = utils.lazy_import("tensorflow_compression")
 from utils import cli
 from utils.entropy_models import coding_indexes, factorized, gaussian_conditional
 from utils.exact import IntegerConvStack
-from utils.model import CompressionModel, Float64Synthesis
+from utils.model import CompressionModel, Float64Synthesis, zero_pad_to_multiple
 
 def _conv(filters, kernel, stride, activation, transpose=False, **kwargs):
   cls = tf.keras.layers.Conv2DTranspose if transpose else tf.keras.layers.Conv2D
@@ -95,17 +95,13 @@ class BMSHJ2018Model(CompressionModel):
   def side_information(self, y):
     """z of the latents y, measured where the hyper-synthesis puts its predictions.
 
-    |y| is zero-padded at the bottom and right to a multiple of 4 first. A stride-2 "same"
-    convolution centres its windows one position further on an even input than on an odd one,
-    while the hyper-synthesis (transposed convolutions) always places its output as for even
-    inputs, which training crops (multiples of 64 pixels) always give. Unpadded, a photo whose y is
-    not a multiple of 4 in a dimension had its scales predicted 1-3 latents (16-48 pixels) away
-    from where z was measured: coffee (400x600) estimated at 2.53 bpp, 0.73 with the same weights
-    padded. The decoder needs no change: z keeps its shape, ceil(y / 4).
+    |y| is zero-padded at the bottom and right to a multiple of 4 first (zero_pad_to_multiple
+    says why). Unpadded, a photo whose y is not a multiple of 4 in a dimension had its scales
+    predicted 1-3 latents (16-48 pixels) away from where z was measured: coffee (400x600) estimated
+    at 2.53 bpp, 0.73 with the same weights padded. The decoder needs no change: z keeps its
+    shape, ceil(y / 4).
     """
-    height, width = tf.shape(y)[1], tf.shape(y)[2]
-    magnitude = tf.pad(tf.abs(y), [[0, 0], [0, (-height) % 4], [0, (-width) % 4], [0, 0]])
-    return self.hyper_analysis(magnitude)
+    return self.hyper_analysis(zero_pad_to_multiple(tf.abs(y), 4))
 
   def forward(self, x, training):
     y = self.analysis(x)

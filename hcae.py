@@ -32,7 +32,7 @@ tfc = utils.lazy_import("tensorflow_compression")
 from utils import cli, exact
 from utils.entropy_models import coding_indexes, factorized, gaussian_conditional
 from utils.errors import UserError
-from utils.model import CompressionModel, Float64Synthesis
+from utils.model import CompressionModel, Float64Synthesis, zero_pad_to_multiple
 
 
 def _conv(filters, kernel, stride=1, activation=None, transpose=False, name=None):
@@ -105,7 +105,9 @@ class HCAEModel(CompressionModel):
       raise UserError(f"--latent_channels needs 1 or {levels} values, not {len(channels)}")
     self.levels, self.num_filters, self.channels = levels, num_filters, channels
     self.strides = level_strides(levels)
-    self.DOWNSAMPLING = self.strides[-1]
+    # Images are padded to the finest level's stride only; the coarser levels line up inside the
+    # model (_features, _level_shapes), so a photo is not coded at up to 63 extra rows and columns.
+    self.DOWNSAMPLING = self.strides[0]
     # Strings in file order: the top level first, the finest (longest) last.
     self.STRING_NAMES = tuple(f"z{level + 1}" for level in reversed(range(levels)))
     n = num_filters
@@ -133,15 +135,33 @@ class HCAEModel(CompressionModel):
 
   def _bottom_up_block(self, level):
     layers = []
-    if level and self.strides[level] != self.strides[level - 1]:
+    if self._halves(level):
       layers.append(_conv(self.num_filters, 5, 2, "relu"))
     layers.append(ResBlock(self.num_filters))
     return tf.keras.Sequential(layers, name=f"bottom_up_{level}")
 
+  def _halves(self, level):
+    return level > 0 and self.strides[level] != self.strides[level - 1]
+
+  def _level_shapes(self, padded_shape):
+    """(height, width) of each level's latents, finest first, for a padded image: a level that
+    halves the resolution has ceil(half) of the one below it."""
+    shape = padded_shape // self.strides[0]
+    shapes = []
+    for level in range(self.levels):
+      if self._halves(level):
+        shape = -(-shape // 2)
+      shapes.append(shape)
+    return shapes
+
   def _features(self, x):
     d = self.stem(x)
     features = []
-    for block in self.bottom_up:
+    for level, block in enumerate(self.bottom_up):
+      if self._halves(level):
+        # Even maps, so the stride-2 convolution measures where the top-down upsampling of this
+        # level predicts (zero_pad_to_multiple says why); training crops are even already.
+        d = zero_pad_to_multiple(d, 2)
       d = block(d)
       features.append(d)
     return features
@@ -153,6 +173,7 @@ class HCAEModel(CompressionModel):
 
   def forward(self, x, training):
     features = self._features(x)
+    shapes = self._level_shapes(tf.shape(x)[1:3])
     top = self.levels - 1
     z = self.top_posterior(features[top])
     z_hat, top_bits = factorized(self.hyperprior, False)(z, training=training)
@@ -161,7 +182,8 @@ class HCAEModel(CompressionModel):
     bits = [top_bits]
     gaussian = gaussian_conditional(False)
     for level in reversed(range(top)):
-      state = self.td_block[level](self.upsample[level](state))
+      up = self.upsample[level](state)[:, :shapes[level][0], :shapes[level][1]]
+      state = self.td_block[level](up)
       mean, scale_index = self._prior(level, state)
       y = self.posterior_net[level](tf.concat([features[level], state], -1))
       residual, level_bits = gaussian(y - mean, scale_index, training=training)
@@ -184,6 +206,10 @@ class HCAEModel(CompressionModel):
     ex.prior_net = [exact.ExactConv(p) for p in self.prior_net]
     ex.merge = [exact.ExactConv(m) for m in self.merge]
     ex.out_block = ExactResBlock(self.out_block)
+    # Part of the weights' digest, and so of the files' fingerprint: files of exports made when
+    # images were padded to 64 (before 2026-12-06) are refused by the exports since, which would
+    # decode them at other latent shapes, instead of being decoded into a wrong picture.
+    ex.image_padding = tf.Variable(self.DOWNSAMPLING, trainable=False, name="image_padding")
     self.exact = ex
     self.synthesis64 = Float64Synthesis(self.synthesis, name="synthesis64")
 
@@ -192,8 +218,9 @@ class HCAEModel(CompressionModel):
     mean, scale_index = tf.split(self.exact.prior_net[level](state), 2, axis=-1)
     return exact.from_fixed(mean), coding_indexes(exact.from_fixed(scale_index))
 
-  def _exact_step(self, level, state):
-    return self.exact.td_block[level](self.exact.upsample[level](state))
+  def _exact_step(self, level, state, shape):
+    """The state of the level above -> this level's, `shape` (the upsampled state cropped)."""
+    return self.exact.td_block[level](self.exact.upsample[level](state)[:, :shape[0], :shape[1]])
 
   def _exact_absorb(self, level, state, y_hat):
     return tf.clip_by_value(state + self.exact.merge[level](exact.to_fixed(y_hat)),
@@ -204,13 +231,14 @@ class HCAEModel(CompressionModel):
 
   def encode(self, x):
     features = self._features(x)
+    shapes = self._level_shapes(tf.shape(x)[1:3])
     top = self.levels - 1
     y_top = self.top_posterior(features[top])
     strings = [self.top_model.compress(y_top)]
     bits = [self.top_model(y_top, training=False)[1]]
     state = self.exact.top_input(exact.to_fixed(tf.round(y_top)))
     for level in reversed(range(top)):
-      state = self._exact_step(level, state)
+      state = self._exact_step(level, state, shapes[level])
       mean, indexes = self._exact_prior(level, state)
       y = self.posterior_net[level](tf.concat([features[level], tf.cast(
           exact.from_fixed(state), self.compute_dtype)], -1))
@@ -223,10 +251,11 @@ class HCAEModel(CompressionModel):
 
   def decode(self, strings, padded_shape):
     top = self.levels - 1
-    z_hat = self.top_model.decompress(strings[:1], padded_shape // self.strides[top])
+    shapes = self._level_shapes(padded_shape)
+    z_hat = self.top_model.decompress(strings[:1], shapes[top])
     state = self.exact.top_input(exact.to_fixed(z_hat))
     for i, level in enumerate(reversed(range(top))):
-      state = self._exact_step(level, state)
+      state = self._exact_step(level, state, shapes[level])
       mean, indexes = self._exact_prior(level, state)
       symbols = self.level_model.decompress(strings[i + 1:i + 2], indexes)
       state = self._exact_absorb(level, state, mean + tf.cast(symbols, tf.float64))

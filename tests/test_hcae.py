@@ -13,7 +13,7 @@ from utils.errors import UserError
 def test_levels_and_strings():
   model = hcae.HCAEModel(0.01, levels=6, num_filters=8, latent_channels=[4, 4, 4, 4, 4, 6])
   assert hcae.level_strides(6) == [16, 16, 32, 32, 64, 64]
-  assert model.DOWNSAMPLING == 64
+  assert model.DOWNSAMPLING == 16  # the coarser levels line up inside the model
   assert model.STRING_NAMES == ("z6", "z5", "z4", "z3", "z2", "z1")
   terms = model(tf.random.uniform((1, 37, 53, 3), 0, 255), training=False)
   assert all(math.isfinite(float(v)) for v in terms.values())
@@ -38,3 +38,57 @@ def test_high_lambda_training_stays_finite_and_improves(tmp_path):
   assert history.model.optimizer.global_clipnorm == hcae.HCAEModel.GLOBAL_CLIPNORM == 1.0
   losses = history.history["loss"]
   assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def _local_bottom_up(model):
+  """Makes the bottom-up pass local: its ResNet blocks become identities (conv_b zero), so a
+  level's left columns depend only on the image's left ~200 pixels."""
+  for block in model.bottom_up:
+    res = block.layers[-1]
+    res.conv_b.kernel.assign(tf.zeros_like(res.conv_b.kernel))
+    res.conv_b.bias.assign(tf.zeros_like(res.conv_b.bias))
+
+
+def test_coarser_levels_measure_where_the_top_down_path_predicts():
+  # Images are padded to 16 only, so a map below a halving level can be odd (304 pixels: 19
+  # latents at 1/16); unpadded, a stride-2 'same' convolution would centre its windows there one
+  # position further than on the even maps of training, where the top-down upsampling puts its
+  # output. The same photo 16 pixels narrower must give the same left columns at every level.
+  from conftest import natural_image
+  tf.keras.utils.set_random_seed(0)
+  model = hcae.HCAEModel(0.01, levels=6, num_filters=8, latent_channels=[4])
+  _local_bottom_up(model)
+  image = tf.constant(natural_image(64, 320), tf.float32)[None]
+  wide, narrow = model._features(image), model._features(image[:, :, :304])
+  assert [f.shape[2] for f in narrow] == [19, 19, 10, 10, 5, 5]
+  for level, (a, b) in enumerate(zip(wide, narrow)):
+    columns = 4 if level < 2 else 1  # far enough from the right edge
+    np.testing.assert_allclose(a[:, :, :columns].numpy(), b[:, :, :columns].numpy(), atol=1e-5,
+                               err_msg=f"level {level}")
+
+
+def test_photos_are_padded_to_16_and_the_levels_shapes_follow():
+  model = hcae.HCAEModel(0.01, levels=6, num_filters=8, latent_channels=[4])
+  shapes = model._level_shapes(tf.constant([304, 464]))
+  assert [tuple(s.numpy()) for s in shapes] == [(19, 29), (19, 29), (10, 15), (10, 15), (5, 8), (5, 8)]
+  terms = model(tf.random.uniform((1, 300, 451, 3), 0, 255), training=False)
+  assert all(math.isfinite(float(v)) for v in terms.values())
+
+
+def test_files_of_exports_that_padded_to_64_are_refused():
+  # Exports made before the padding to 16 coded images padded to 64, with the same weights: their
+  # files would decode here at other latent shapes. The padding is part of the fingerprint.
+  from conftest import natural_image
+  from utils.codec import Codec
+  from utils.errors import BitstreamError
+  tf.keras.utils.set_random_seed(0)
+  model = hcae.HCAEModel(0.01, levels=6, num_filters=8, latent_channels=[4])
+  image = natural_image(40, 72)
+  new = Codec.from_model(model, {})
+  model.DOWNSAMPLING = 64  # as the old code padded
+  old = Codec.from_model(model, {})
+  assert old.fingerprint != new.fingerprint
+  old_file, _ = old.encode(image)
+  np.testing.assert_array_equal(old.decode(old_file), new.decode(new.encode(image)[0]))
+  with pytest.raises(BitstreamError, match="another hcae model"):
+    new.decode(old_file)

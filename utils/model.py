@@ -45,6 +45,19 @@ def enable_determinism(seed=0):
   tf.config.experimental.enable_op_determinism()
 
 
+def zero_pad_to_multiple(x, multiple):
+  """Pads a (B, H, W, C) batch of feature maps with zeros at the bottom/right to a multiple of
+  `multiple` in H and W.
+
+  Why: a stride-2 "same" convolution centres its windows one position further on an even input
+  than on an odd one, while a stride-2 transposed convolution always places its output as for an
+  even input, which training crops (multiples of 64 pixels) always give. Features are padded so
+  that the positions a downsampling measures are the ones the upsampling predicts for.
+  """
+  height, width = tf.shape(x)[1], tf.shape(x)[2]
+  return tf.pad(x, [[0, 0], [0, (-height) % multiple], [0, (-width) % multiple], [0, 0]])
+
+
 def pad_to_multiple(x, multiple):
   """Pads a (B, H, W, C) batch at the bottom/right by repeating its last row/column.
 
