@@ -129,6 +129,12 @@ def test_a_warm_job_waits_for_the_neighbour_it_starts_from():
   assert sum(w is None for w in sweep.plan(todo, paper, warm=True)) == 2
 
 
+# These run jobs side by side, one per core (`taskset -c 1 pytest` would run them one at a time).
+needs_two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
+                                     reason="runs two jobs side by side: needs 2 CPU cores")
+
+
+@needs_two_cores
 def test_parallel_jobs_get_their_own_cores(capfd):
   cores = sorted(os.sched_getaffinity(0))
   sets = sweep.core_sets(len(cores))
@@ -147,6 +153,7 @@ def test_parallel_jobs_get_their_own_cores(capfd):
   assert capfd.readouterr().out.splitlines() == [f"[job] [{cores[-1]}]", "[job] true"]
 
 
+@needs_two_cores
 def test_a_parallel_sweep_runs_warm_jobs_side_by_side(tmp_path, capfd):
   models = tmp_path / "models"
   status = sweep.main(["--model", "bls2017", "--preset", "smoke", "--lambdas", "0.004,0.015,0.05",
@@ -166,6 +173,7 @@ def test_a_parallel_sweep_runs_warm_jobs_side_by_side(tmp_path, capfd):
   assert any(line.startswith("[bls2017 0.05] trained bls2017") for line in lines)
 
 
+@needs_two_cores
 def test_a_failed_job_stops_the_jobs_that_wait_for_it(tmp_path, capfd):
   models = tmp_path / "models"
   status = sweep.main(["--model", "bls2017", "--preset", "smoke", "--jobs", "2", "--dataset", "folder",
