@@ -246,6 +246,13 @@ def test_bfloat16_precision_holds_only_inside_its_scope():
   with pytest.raises(ValueError):
     with training.training_precision("float16"):
       pass
+  # Nested: leaving the inner scope restores the outer one's setting.
+  options = tf.config.optimizer.get_experimental_options
+  with training.training_precision("bfloat16"):
+    with training.training_precision("bfloat16"):
+      pass
+    assert options().get(training.BFLOAT16_REWRITE) is True
+  assert not options().get(training.BFLOAT16_REWRITE, False)
 
 
 def test_auto_precision_is_bfloat16_only_on_a_cpu_that_has_it(monkeypatch):

@@ -200,11 +200,13 @@ def training_precision(precision):
   elif not native_bfloat16():
     log.warning("this CPU has no bfloat16 instructions (AVX512-BF16, AMX): oneDNN emulates them, "
                 "and --precision bfloat16 will likely be slower than float32")
+  # Restored on exit, not switched off: a scope inside another bfloat16 scope leaves it on.
+  before = tf.config.optimizer.get_experimental_options().get(BFLOAT16_REWRITE, False)
   tf.config.optimizer.set_experimental_options({BFLOAT16_REWRITE: True})
   try:
     yield
   finally:
-    tf.config.optimizer.set_experimental_options({BFLOAT16_REWRITE: False})
+    tf.config.optimizer.set_experimental_options({BFLOAT16_REWRITE: before})
 
 
 def restore_weights(model, source_dir, build):
