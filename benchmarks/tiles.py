@@ -41,34 +41,57 @@ from utils.errors import UserError  # noqa: E402
 
 def payload_bits(codec, image):
   """Bits of the range-coded strings of the file `codec` makes of `image`."""
-  data = codec.encode(image)[0]
+  return _payload_bits(codec.encode(image)[0])
+
+
+def _payload_bits(data):
   return 8 * (len(data) - bitstream.framing_bytes(data))
 
 
-def tiled_bpp(codec, image, tile):
-  """Bits per pixel of the whole tile x tile tiles of `image`, each coded on its own; None if
+class Files:
+  """The files `codec` makes of an image and of its tiles, each coded once: the rates and the
+  decoded tiles (--decode) share them."""
+
+  def __init__(self, codec, image):
+    self.codec, self.image, self._made = codec, image, {}
+
+  def get(self, top=0, left=0, tile=None):
+    """The file of the tile x tile crop at (top, left), cut short at the image's edges; the whole
+    image by default."""
+    height, width = self.image.shape[:2]
+    tile = tile or max(height, width)
+    key = (top, left, min(top + tile, height), min(left + tile, width))
+    if key not in self._made:
+      self._made[key] = self.codec.encode(self.image[top:key[2], left:key[3]])[0]
+    return self._made[key]
+
+
+def tiled_bpp(files, tile):
+  """Bits per pixel of the whole tile x tile tiles of the image, each coded on its own; None if
   the image holds no whole tile."""
-  height, width = image.shape[:2]
+  height, width = files.image.shape[:2]
   bits = pixels = 0
   for top in range(0, height - tile + 1, tile):
     for left in range(0, width - tile + 1, tile):
-      bits += payload_bits(codec, image[top:top + tile, left:left + tile])
+      bits += _payload_bits(files.get(top, left, tile))
       pixels += tile * tile
   return bits / pixels if pixels else None
 
 
-def coded_rd(codec, image, tile=None):
-  """(bpp, PSNR) of `image` coded whole, or as tiles of tile x tile pixels that cover all of it,
-  each its own file: all the files' bytes over the image's pixels, the PSNR of what they decode to."""
+def coded_rd(files, tile=None):
+  """(bpp, PSNR) of the image coded whole, or as tiles of tile x tile pixels that cover all of
+  it, each its own file: all the files' bytes over the image's pixels, the PSNR of what they
+  decode to."""
+  image = files.image
   height, width = image.shape[:2]
   tile = tile or max(height, width)
   decoded = np.zeros_like(image)
   size = 0
   for top in range(0, height, tile):
     for left in range(0, width, tile):
-      file = codec.encode(image[top:top + tile, left:left + tile])[0]
+      file = files.get(top, left, tile)
       size += len(file)
-      decoded[top:top + tile, left:left + tile] = codec.decode(file)
+      decoded[top:top + tile, left:left + tile] = files.codec.decode(file)
   return metrics.bpp(size, height, width), metrics.psnr(image, decoded)
 
 
@@ -77,14 +100,15 @@ def measure(model_dir, paths, tiles, decode=False):
   rows = []
   for path in paths:
     image = data.read_image(path)
+    files = Files(codec, image)
     height, width = image.shape[:2]
     row = dict(image=os.path.basename(path), width=width, height=height,
-               whole=payload_bits(codec, image) / (height * width))
-    row["tiles"] = {str(t): tiled_bpp(codec, image, t) for t in tiles}
+               whole=_payload_bits(files.get()) / (height * width))
+    row["tiles"] = {str(t): tiled_bpp(files, t) for t in tiles}
     line = f"  {row['image']} ({width}x{height}): whole {row['whole']:.4f} bpp; " + ", ".join(
         f"tiles {t}: " + ("-" if v is None else f"{v:.4f}") for t, v in row["tiles"].items())
     if decode:
-      row["coded"] = {"whole": coded_rd(codec, image), **{str(t): coded_rd(codec, image, t) for t in tiles}}
+      row["coded"] = {"whole": coded_rd(files), **{str(t): coded_rd(files, t) for t in tiles}}
       line += "; files, bpp / dB: " + ", ".join(f"{k} {b:.4f} / {q:.2f}" for k, (b, q) in row["coded"].items())
     rows.append(row)
     print(line, flush=True)

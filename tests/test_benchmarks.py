@@ -115,7 +115,8 @@ def test_tiles_codes_each_photo_whole_and_as_separate_tiles(trained, image_folde
   assert "whole / tiles" in capsys.readouterr().out
 
 
-def test_tiles_decode_counts_whole_files_and_the_assembled_psnr(trained, image_folder, tmp_path):
+def test_tiles_decode_counts_whole_files_and_the_assembled_psnr(trained, image_folder, tmp_path,
+                                                               monkeypatch):
   import numpy as np
   from PIL import Image
   import tiles
@@ -124,8 +125,14 @@ def test_tiles_decode_counts_whole_files_and_the_assembled_psnr(trained, image_f
   from utils.codec import Codec
   Image.fromarray(natural_image(70, 96, 8)).save(image_folder / "nine_tiles.png")
   out = tmp_path / "tiles.json"
+  crops, encode = [], Codec.encode
+  monkeypatch.setattr(Codec, "encode", lambda self, image: crops.append(image.shape) or encode(self, image))
   assert tiles.main([trained.model_path, "--tiles", "32,128", "--decode", "--eval_glob",
                      str(image_folder / "nine_tiles.png"), "--json", str(out)]) == 0
+  monkeypatch.undo()
+  # Each file is made once: the whole photo (also the 128-pixel "tile"), six whole 32-pixel tiles,
+  # and the three cut short at the bottom that only the decoded cover needs.
+  assert sorted(crops) == sorted([(70, 96, 3)] + [(32, 32, 3)] * 6 + [(6, 32, 3)] * 3)
   coded = json.loads(out.read_text())["models"][0]["images"][0]["coded"]
   # Whole: the file `compress` writes, framing included, and the PSNR of what `decompress` makes of it.
   lic, png = tmp_path / "nine.lic", tmp_path / "nine.png"
