@@ -39,12 +39,8 @@ from utils.codec import Codec  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 
-def payload_bits(codec, image):
-  """Bits of the range-coded strings of the file `codec` makes of `image`."""
-  return _payload_bits(codec.encode(image)[0])
-
-
-def _payload_bits(data):
+def payload_bits(data):
+  """Bits of the range-coded strings of a file: its bytes without the framing."""
   return 8 * (len(data) - bitstream.framing_bytes(data))
 
 
@@ -73,7 +69,7 @@ def tiled_bpp(files, tile):
   bits = pixels = 0
   for top in range(0, height - tile + 1, tile):
     for left in range(0, width - tile + 1, tile):
-      bits += _payload_bits(files.get(top, left, tile))
+      bits += payload_bits(files.get(top, left, tile))
       pixels += tile * tile
   return bits / pixels if pixels else None
 
@@ -103,7 +99,7 @@ def measure(model_dir, paths, tiles, decode=False):
     files = Files(codec, image)
     height, width = image.shape[:2]
     row = dict(image=os.path.basename(path), width=width, height=height,
-               whole=_payload_bits(files.get()) / (height * width))
+               whole=payload_bits(files.get()) / (height * width))
     row["tiles"] = {str(t): tiled_bpp(files, t) for t in tiles}
     line = f"  {row['image']} ({width}x{height}): whole {row['whole']:.4f} bpp; " + ", ".join(
         f"tiles {t}: " + ("-" if v is None else f"{v:.4f}") for t, v in row["tiles"].items())

@@ -108,7 +108,7 @@ def test_tiles_codes_each_photo_whole_and_as_separate_tiles(trained, image_folde
   # Six tiles, each coded on its own: their bits over their pixels, the last 6 rows left out.
   image = np.asarray(Image.open(image_folder / "six_tiles.png"))
   codec = Codec(trained.model_path, part="encoder")
-  bits = sum(tiles.payload_bits(codec, image[r:r + 32, c:c + 32]) for r in (0, 32) for c in (0, 32, 64))
+  bits = sum(tiles.payload_bits(codec.encode(image[r:r + 32, c:c + 32])[0]) for r in (0, 32) for c in (0, 32, 64))
   assert rows["six_tiles.png"]["tiles"]["32"] == bits / (6 * 32 * 32)
   ratio = np.mean([rows[n]["whole"] / rows[n]["tiles"]["32"] for n in rows])
   assert result["whole_over_tiles"]["32"] == pytest.approx(ratio) and result["whole_over_tiles"]["128"] is None
