@@ -59,6 +59,8 @@ def train_argv(preset, model, lmbda, overrides):
   argv = ["--lambda", f"{lmbda:g}"]
   for key, value in sorted(flags.items()):
     if isinstance(value, dict):
+      if model not in value:  # a flag for some models only: the others keep its default
+        continue
       value = value[model]
     argv += [f"--{key}", str(value)]
   return argv + model_flags(preset, model, lmbda)

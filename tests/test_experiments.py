@@ -45,6 +45,23 @@ def test_train_values_given_per_model_reach_each_models_jobs():
   assert argv[argv.index("--batch_size") + 1] == "16"
 
 
+def test_only_hcae_finishes_on_larger_crops_and_its_warm_jobs_throughout():
+  cpu = sweep.load_presets()["cpu"]
+  for model in ("bls2017", "bmshj2018"):
+    assert not any(a.startswith("--finish") for a in sweep.train_argv(cpu, model, 0.015, {}))
+  anchor = sweep.train_argv(cpu, "hcae", 0.015, {})
+  value = lambda argv, flag: int(argv[argv.index(flag) + 1])
+  assert (value(anchor, "--finish_epochs"), value(anchor, "--finish_patch_size"),
+          value(anchor, "--finish_batch_size")) == (8, 256, 1)
+  assert value(anchor, "--finish_epochs") < value(anchor, "--epochs")  # the anchor starts on small crops
+  warm = sweep.warm_argv(sweep.train_argv(cpu, "hcae", 0.05, {}), cpu, "hcae", "m")
+  assert value(warm, "--epochs") <= value(warm, "--finish_epochs")  # every warm step on large crops
+  import hcae
+  from utils import cli
+  parser, _ = cli.build_parser("hcae", hcae.add_model_flags)
+  assert parser.parse_args(["train", *warm]).finish_patch_size == 256
+
+
 def test_shards_partition_the_jobs():
   every = sweep.jobs(("a", "b"), (1, 2, 3), (0, 1))
   shards = [sweep.jobs(("a", "b"), (1, 2, 3), (i, 4)) for i in range(4)]

@@ -293,3 +293,63 @@ def training_logs(model_path):
       for v in event.summary.value:
         values.setdefault(v.tag, {})[event.step] = float(tf.make_ndarray(v.tensor))
   return {tag: [steps[s] for s in sorted(steps)] for tag, steps in values.items()}
+
+
+def _finish_args(tmp_path, **kw):
+  base = dict(dataset="folder", train_glob=None, data_dir=None, patch_size=32, batch_size=4, epochs=3,
+              steps_per_epoch=2, finish_epochs=1, finish_patch_size=None, finish_batch_size=None,
+              deterministic=False, seed=0)
+  base.update(kw)
+  return argparse.Namespace(**base)
+
+
+def test_the_last_finish_epochs_train_on_larger_crops_with_the_same_pixels(image_folder, tmp_path):
+  args = _finish_args(tmp_path, train_glob=str(image_folder / "*.png"))
+  assert training.finish_crops(args) == (1, 64, 1)  # twice the side, a quarter of the batch
+  shapes = [tuple(b.shape) for b in training.train_dataset(args, str(tmp_path / "none")).take(6)]
+  assert shapes == [(4, 32, 32, 3)] * 4 + [(1, 64, 64, 3)] * 2
+  args.finish_epochs = 5  # more than --epochs: every step
+  assert {tuple(b.shape) for b in training.train_dataset(args, str(tmp_path)).take(3)} == {(1, 64, 64, 3)}
+  args.finish_epochs, args.finish_patch_size, args.finish_batch_size = 1, 48, 3
+  assert training.finish_crops(args) == (1, 48, 3)
+  args.finish_epochs = 0
+  assert training.finish_crops(args) is None
+  with pytest.raises(UserError, match="--finish_patch_size 256"):
+    training.train_dataset(_finish_args(tmp_path, train_glob=str(image_folder / "*.png"),
+                                        finish_patch_size=256), str(tmp_path))
+
+
+def test_a_resumed_run_switches_crops_at_the_same_step(image_folder, tmp_path):
+  """The switch is counted from the checkpoint a rerun resumes at, not from its own first step."""
+  model_dir = str(tmp_path / "model")
+  args = _finish_args(tmp_path, train_glob=str(image_folder / "*.png"))
+  ckpt = tf.train.Checkpoint(model=tf.Module())
+  ckpt.model.optimizer = tf.Module()
+  ckpt.model.optimizer._iterations = tf.Variable(3, dtype=tf.int64)
+  ckpt.save(os.path.join(model_dir, training.BACKUP, "chief", "ckpt"))
+  assert training.checkpoint_step(model_dir) == 3
+  shapes = [tuple(b.shape) for b in training.train_dataset(args, model_dir).take(3)]
+  assert shapes == [(4, 32, 32, 3)] + [(1, 64, 64, 3)] * 2
+
+
+def test_training_goes_on_through_the_crop_switch(image_folder, tmp_path):
+  import bls2017
+  from utils import cli
+  rc = cli.main("bls2017", bls2017.build_model, bls2017.add_model_flags, [
+      "train", *COMMON, *TINY["bls2017"], "--dataset", "folder", "--train_glob", str(image_folder / "*"),
+      "--patch_size", "32", "--epochs", "2", "--steps_per_epoch", "3", "--finish_epochs", "1",
+      "--eval_glob", str(image_folder / "a.png"), "--model_path", str(tmp_path / "m")])
+  assert rc == 0
+  logs = training_logs(str(tmp_path / "m"))
+  assert len(logs["epoch_loss"]) == 2 and all(np.isfinite(logs["epoch_loss"]))
+  assert codec.Codec(str(tmp_path / "m")).name == "bls2017"
+
+
+def test_bad_finish_flags_are_refused_before_any_work(tmp_path, capsys):
+  import bls2017
+  from utils import cli
+  for flag, value in (("--finish_epochs", "-1"), ("--finish_patch_size", "0"), ("--finish_batch_size", "-2")):
+    rc = cli.main("bls2017", bls2017.build_model, bls2017.add_model_flags, [
+        "train", *COMMON, *TINY["bls2017"], flag, value, "--model_path", str(tmp_path / "m")])
+    assert rc == 2 and flag in capsys.readouterr().err
+  assert not (tmp_path / "m").exists()

@@ -40,6 +40,15 @@ def build_parser(name, add_model_flags):
   train.add_argument("--epochs", type=int, default=1000, help="epochs to train in all (a resumed run counts "
                      "the epochs already done)")
   train.add_argument("--steps_per_epoch", type=int, default=1000, help="training steps per epoch")
+  train.add_argument("--finish_epochs", type=int, default=0,
+                     help="train the last this many of --epochs (all of them, if more) on larger crops: "
+                     "a model that saw only small crops can code whole photos with levels tuned to "
+                     "tiny maps (README: training recipe); 0: off")
+  train.add_argument("--finish_patch_size", type=int,
+                     help="side of the crops of the last --finish_epochs (default: twice --patch_size)")
+  train.add_argument("--finish_batch_size", type=int,
+                     help="crops per step in the last --finish_epochs (default: as many pixels per step "
+                     "as before, at least one crop)")
   recipe = train.add_argument_group("training recipe (README: training recipe)")
   recipe.add_argument("--learning_rate", type=float, default=1e-3,
                       help="Adam learning rate: the peak of the cosine schedule, or the constant rate")
@@ -242,13 +251,16 @@ def check_train_flags(args, model_flags):
     raise UserError(f"--clipnorm must be 0 (off) or positive, not {args.clipnorm}")
   if not (math.isfinite(args.spike_factor) and (args.spike_factor == 0 or args.spike_factor > 1)):
     raise UserError(f"--spike_factor must be 0 (off) or above 1, not {args.spike_factor}")
-  for flag in ("warmup_steps", "rollbacks"):
+  for flag in ("warmup_steps", "rollbacks", "finish_epochs"):
     if getattr(args, flag) < 0:
       raise UserError(f"--{flag} must be 0 or more, not {getattr(args, flag)}")
   int_flags = ["patch_size", "batch_size", "epochs", "steps_per_epoch", "backup_steps"]
   int_flags += [k for k in model_flags if isinstance(getattr(args, k), int)]
   for flag in int_flags:
     if getattr(args, flag) <= 0:
+      raise UserError(f"--{flag} must be positive, not {getattr(args, flag)}")
+  for flag in ("finish_patch_size", "finish_batch_size"):
+    if getattr(args, flag) is not None and getattr(args, flag) <= 0:
       raise UserError(f"--{flag} must be positive, not {getattr(args, flag)}")
 
 

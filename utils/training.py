@@ -373,9 +373,7 @@ def train(build_model, args, model_config, export=True):
   model_dir = args.model_path
   # The data first: a glob that matches nothing or a patch larger than every image fails here,
   # before the model directory is made.
-  train_ds = data.train_dataset(args.dataset, args.patch_size, args.batch_size,
-                                train_glob=args.train_glob, data_dir=args.data_dir,
-                                seed=args.seed if deterministic else None)
+  train_ds = train_dataset(args, model_dir)
   val_ds = data.eval_dataset(data.eval_paths(args.dataset, args.eval_glob),
                              replicas=strategy.num_replicas_in_sync)
   init_from = getattr(args, "init_from", None)
@@ -383,10 +381,14 @@ def train(build_model, args, model_config, export=True):
     check_warm_start(init_from, model_config)
   check_model_dir(model_dir, model_config)
   rollbacks, rate_scale = getattr(args, "rollbacks", 0), 1.0
-  log.info("training %s (lambda %g) into %s: %d epochs x %d steps, batch %d, patch %d, %s",
+  finish = finish_crops(args)
+  crops = f"batch {args.batch_size}, patch {args.patch_size}"
+  if finish:
+    large = f"batch {finish[2]}, patch {finish[1]}"
+    crops = large if finish[0] == args.epochs else f"{crops}; the last {finish[0]} at {large}"
+  log.info("training %s (lambda %g) into %s: %d epochs x %d steps, %s, %s",
            model_config["codec"], model_config["lambda"], model_dir, args.epochs,
-           args.steps_per_epoch, args.batch_size, args.patch_size,
-           resolve_precision(getattr(args, "precision", "float32")))
+           args.steps_per_epoch, crops, resolve_precision(getattr(args, "precision", "float32")))
   for done in range(rollbacks + 1):
     try:
       history = _fit(build_model, args, model_config, strategy, train_ds, val_ds, rate_scale)
@@ -395,6 +397,7 @@ def train(build_model, args, model_config, export=True):
       if done == rollbacks:
         raise _stopped_error(e, model_config, done) from None
       rate_scale *= ROLLBACK_RATE
+      train_ds = train_dataset(args, model_dir)  # the crops switch counted from that checkpoint
       log.warning("%s; rolling back to the last checkpoint, on at %g of the learning rate (rollback "
                   "%d of at most %d)", _stop_reason(e), rate_scale, done + 1, rollbacks)
   if not export:
@@ -402,6 +405,46 @@ def train(build_model, args, model_config, export=True):
   fingerprint = codec.export(history.model, model_dir, model_config)
   log.info("exported %s (weights %s)", os.path.join(model_dir, codec.SAVED_MODEL), fingerprint.hex())
   return history
+
+
+def finish_crops(args):
+  """(epochs, patch size, batch size) of the --finish_epochs stage, or None when it is off."""
+  epochs = min(getattr(args, "finish_epochs", 0) or 0, args.epochs)
+  if epochs <= 0:
+    return None
+  size = getattr(args, "finish_patch_size", None) or 2 * args.patch_size
+  batch = getattr(args, "finish_batch_size", None) or max(1, args.batch_size * args.patch_size ** 2 // size ** 2)
+  return epochs, size, batch
+
+
+def checkpoint_step(model_dir):
+  """The optimizer step of the last checkpoint in model_dir (0 without one): where a rerun resumes."""
+  latest = _latest_checkpoint(model_dir)
+  if latest is None:
+    return 0
+  return int(tf.train.load_variable(latest, "model/optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+def train_dataset(args, model_dir):
+  """The training batches: --patch_size crops, then from the step where the last --finish_epochs
+  begin, the larger crops of finish_crops (counted from the checkpoint a rerun resumes at)."""
+  seed = args.seed if getattr(args, "deterministic", False) else None
+
+  def crops(size, batch):
+    return data.train_dataset(args.dataset, size, batch, train_glob=args.train_glob,
+                              data_dir=args.data_dir, seed=seed)
+
+  small = crops(args.patch_size, args.batch_size)
+  finish = finish_crops(args)
+  if finish is None:
+    return small
+  epochs, size, batch = finish
+  try:
+    large = crops(size, batch)
+  except UserError as e:
+    raise UserError(f"--finish_patch_size {size}: {e}") from None
+  left = (args.epochs - epochs) * args.steps_per_epoch - checkpoint_step(model_dir)
+  return small.take(left).concatenate(large) if left > 0 else large
 
 
 def _fit(build_model, args, model_config, strategy, train_ds, val_ds, rate_scale):
