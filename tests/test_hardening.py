@@ -409,8 +409,11 @@ def test_a_run_that_blows_up_rolls_back_to_its_checkpoint_and_goes_on_at_half_th
       wrecked.append(bias.numpy())
 
   monkeypatch.setattr(training._Backup, "on_train_batch_end", wreck_once_after_step_2)
+  datasets, train_dataset = [], training.train_dataset
+  monkeypatch.setattr(training, "train_dataset", lambda *a: datasets.append(a) or train_dataset(*a))
   with caplog.at_level("INFO", logger="utils.training"):
     history = training.train(build, args, cli.model_config("bls2017", args, flags), export=False)
+  assert len(datasets) == 1  # no --finish_epochs: the rollback goes on with the same crops
   reason = "refused its last 3 steps up to step 5" if wreck == "spike" else "loss became NaN at step 3"
   assert f"{reason} (epoch 1, step {5 if wreck == 'spike' else 3}); rolling back to the last checkpoint, " \
          "on at 0.5 of the learning rate (rollback 1 of at most 2)" in caplog.text

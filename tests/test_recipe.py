@@ -2,6 +2,7 @@
 quantization proxy, the warm start of one lambda from another (--init_from), and the pooled CPU
 memory of a training process."""
 import argparse
+import glob
 import os
 import subprocess
 import sys
@@ -330,6 +331,31 @@ def test_a_resumed_run_switches_crops_at_the_same_step(image_folder, tmp_path):
   assert training.checkpoint_step(model_dir) == 3
   shapes = [tuple(b.shape) for b in training.train_dataset(args, model_dir).take(3)]
   assert shapes == [(4, 32, 32, 3)] + [(1, 64, 64, 3)] * 2
+
+
+def test_both_crop_stages_read_the_image_headers_once(image_folder, tmp_path, monkeypatch):
+  from utils import data
+  args = _finish_args(tmp_path, train_glob=str(image_folder / "*.png"))
+  read, readable_size = [], data._readable_size
+  monkeypatch.setattr(data, "_readable_size", lambda p: read.append(p) or readable_size(p))
+  shapes = [tuple(b.shape) for b in training.train_dataset(args, str(tmp_path / "none")).take(6)]
+  assert shapes == [(4, 32, 32, 3)] * 4 + [(1, 64, 64, 3)] * 2
+  assert sorted(read) == sorted(glob.glob(str(image_folder / "*.png")))  # each once, not once a stage
+
+
+def test_a_run_resumed_past_the_switch_builds_only_the_larger_crops(image_folder, tmp_path, monkeypatch):
+  from utils import data
+  model_dir = str(tmp_path / "model")
+  ckpt = tf.train.Checkpoint(model=tf.Module())
+  ckpt.model.optimizer = tf.Module()
+  ckpt.model.optimizer._iterations = tf.Variable(5, dtype=tf.int64)  # past the switch at step 4
+  ckpt.save(os.path.join(model_dir, training.BACKUP, "chief", "ckpt"))
+  built, train_dataset = [], data.train_dataset
+  monkeypatch.setattr(data, "train_dataset",
+                      lambda dataset, size, *a, **kw: built.append(size) or train_dataset(dataset, size, *a, **kw))
+  args = _finish_args(tmp_path, train_glob=str(image_folder / "*.png"))
+  assert {tuple(b.shape) for b in training.train_dataset(args, model_dir).take(3)} == {(1, 64, 64, 3)}
+  assert built == [64]
 
 
 def test_training_goes_on_through_the_crop_switch(image_folder, tmp_path):

@@ -160,10 +160,18 @@ def _readable_size(path):
     return None
 
 
-def keep_large_enough(paths, patch_size):
+def image_sizes(paths):
+  """{path: (height, width), or None for a file that cannot be decoded for training}: for a caller
+  that crops the same files at two sizes, so their headers are read once (a COCO folder has 118 287)."""
+  return {p: _readable_size(p) for p in paths}
+
+
+def keep_large_enough(paths, patch_size, sizes=None):
   """Drops images smaller than the patch in either side (and files that cannot be decoded for
-  training), logging how many were dropped."""
-  sizes = [_readable_size(p) for p in paths]
+  training), logging how many were dropped. `sizes`: image_sizes(paths), when already read."""
+  if sizes is None:
+    sizes = image_sizes(paths)
+  sizes = [sizes[p] for p in paths]
   unreadable = sizes.count(None)
   if unreadable:
     log.warning("skipped %d of %d files that are not PNG, JPEG, BMP or GIF images, or are damaged",
@@ -209,8 +217,9 @@ def train_paths(dataset, train_glob=None):
 
 
 def train_dataset(dataset="builtin", patch_size=256, batch_size=8, train_glob=None, data_dir=None,
-                  seed=None):
-  """Endless batches of random patch_size crops (randomly flipped), float32 in 0..255."""
+                  seed=None, sizes=None):
+  """Endless batches of random patch_size crops (randomly flipped), float32 in 0..255. `sizes`:
+  image_sizes() of the dataset's files, when the caller has read them (not for coco)."""
   if dataset not in SOURCES:
     raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(SOURCES)}")
   if dataset == "coco":
@@ -219,7 +228,7 @@ def train_dataset(dataset="builtin", patch_size=256, batch_size=8, train_glob=No
         lambda im: tf.reduce_all(tf.shape(im)[:2] >= patch_size)).repeat()
     images = images.shuffle(256, seed=seed)
   else:
-    paths = keep_large_enough(train_paths(dataset, train_glob), patch_size)
+    paths = keep_large_enough(train_paths(dataset, train_glob), patch_size, sizes)
     files = tf.data.Dataset.from_tensor_slices(paths)
     if dataset == "builtin":
       # A handful of photos: decode them once, then crop from memory forever.

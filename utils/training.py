@@ -397,7 +397,8 @@ def train(build_model, args, model_config, export=True):
       if done == rollbacks:
         raise _stopped_error(e, model_config, done) from None
       rate_scale *= ROLLBACK_RATE
-      train_ds = train_dataset(args, model_dir)  # the crops switch counted from that checkpoint
+      if finish:  # the crops switch counted from that checkpoint
+        train_ds = train_dataset(args, model_dir)
       log.warning("%s; rolling back to the last checkpoint, on at %g of the learning rate (rollback "
                   "%d of at most %d)", _stop_reason(e), rate_scale, done + 1, rollbacks)
   if not export:
@@ -430,21 +431,24 @@ def train_dataset(args, model_dir):
   begin, the larger crops of finish_crops (counted from the checkpoint a rerun resumes at)."""
   seed = args.seed if getattr(args, "deterministic", False) else None
 
-  def crops(size, batch):
+  def crops(size, batch, sizes=None):
     return data.train_dataset(args.dataset, size, batch, train_glob=args.train_glob,
-                              data_dir=args.data_dir, seed=seed)
+                              data_dir=args.data_dir, seed=seed, sizes=sizes)
 
-  small = crops(args.patch_size, args.batch_size)
   finish = finish_crops(args)
   if finish is None:
-    return small
+    return crops(args.patch_size, args.batch_size)
   epochs, size, batch = finish
+  left = (args.epochs - epochs) * args.steps_per_epoch - checkpoint_step(model_dir)
+  # Both stages crop the same files: their headers are read once.
+  sizes = (None if args.dataset == "coco"
+           else data.image_sizes(data.train_paths(args.dataset, args.train_glob)))
+  small = crops(args.patch_size, args.batch_size, sizes) if left > 0 else None
   try:
-    large = crops(size, batch)
+    large = crops(size, batch, sizes)
   except UserError as e:
     raise UserError(f"--finish_patch_size {size}: {e}") from None
-  left = (args.epochs - epochs) * args.steps_per_epoch - checkpoint_step(model_dir)
-  return small.take(left).concatenate(large) if left > 0 else large
+  return small.take(left).concatenate(large) if small is not None else large
 
 
 def _fit(build_model, args, model_config, strategy, train_ds, val_ds, rate_scale):
