@@ -338,9 +338,12 @@ def test_both_crop_stages_read_the_image_headers_once(image_folder, tmp_path, mo
   args = _finish_args(tmp_path, train_glob=str(image_folder / "*.png"))
   read, readable_size = [], data._readable_size
   monkeypatch.setattr(data, "_readable_size", lambda p: read.append(p) or readable_size(p))
+  listed, train_paths = [], data.train_paths
+  monkeypatch.setattr(data, "train_paths", lambda *a: listed.append(a) or train_paths(*a))
   shapes = [tuple(b.shape) for b in training.train_dataset(args, str(tmp_path / "none")).take(6)]
   assert shapes == [(4, 32, 32, 3)] * 4 + [(1, 64, 64, 3)] * 2
   assert sorted(read) == sorted(glob.glob(str(image_folder / "*.png")))  # each once, not once a stage
+  assert len(listed) == 1  # the folder is globbed once, so both stages crop the same files
 
 
 def test_a_run_resumed_past_the_switch_builds_only_the_larger_crops(image_folder, tmp_path, monkeypatch):

@@ -256,10 +256,8 @@ def check_train_flags(args, model_flags):
       raise UserError(f"--{flag} must be 0 or more, not {getattr(args, flag)}")
   int_flags = ["patch_size", "batch_size", "epochs", "steps_per_epoch", "backup_steps"]
   int_flags += [k for k in model_flags if isinstance(getattr(args, k), int)]
+  int_flags += ["finish_patch_size", "finish_batch_size"]  # None: derived from --patch_size, --batch_size
   for flag in int_flags:
-    if getattr(args, flag) <= 0:
-      raise UserError(f"--{flag} must be positive, not {getattr(args, flag)}")
-  for flag in ("finish_patch_size", "finish_batch_size"):
     if getattr(args, flag) is not None and getattr(args, flag) <= 0:
       raise UserError(f"--{flag} must be positive, not {getattr(args, flag)}")
 

@@ -219,7 +219,8 @@ def train_paths(dataset, train_glob=None):
 def train_dataset(dataset="builtin", patch_size=256, batch_size=8, train_glob=None, data_dir=None,
                   seed=None, sizes=None):
   """Endless batches of random patch_size crops (randomly flipped), float32 in 0..255. `sizes`:
-  image_sizes() of the dataset's files, when the caller has read them (not for coco)."""
+  image_sizes(train_paths(dataset, train_glob)), when the caller has read them (not for coco): its
+  files are cropped, not listed again."""
   if dataset not in SOURCES:
     raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(SOURCES)}")
   if dataset == "coco":
@@ -228,7 +229,8 @@ def train_dataset(dataset="builtin", patch_size=256, batch_size=8, train_glob=No
         lambda im: tf.reduce_all(tf.shape(im)[:2] >= patch_size)).repeat()
     images = images.shuffle(256, seed=seed)
   else:
-    paths = keep_large_enough(train_paths(dataset, train_glob), patch_size, sizes)
+    paths = keep_large_enough(list(sizes) if sizes is not None else train_paths(dataset, train_glob),
+                              patch_size, sizes)
     files = tf.data.Dataset.from_tensor_slices(paths)
     if dataset == "builtin":
       # A handful of photos: decode them once, then crop from memory forever.

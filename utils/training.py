@@ -440,7 +440,7 @@ def train_dataset(args, model_dir):
     return crops(args.patch_size, args.batch_size)
   epochs, size, batch = finish
   left = (args.epochs - epochs) * args.steps_per_epoch - checkpoint_step(model_dir)
-  # Both stages crop the same files: their headers are read once.
+  # Both stages crop the same files: listed, and their headers read, once.
   sizes = (None if args.dataset == "coco"
            else data.image_sizes(data.train_paths(args.dataset, args.train_glob)))
   small = crops(args.patch_size, args.batch_size, sizes) if left > 0 else None
