@@ -166,12 +166,10 @@ def image_sizes(paths):
   return {p: _readable_size(p) for p in paths}
 
 
-def keep_large_enough(paths, patch_size, sizes=None):
+def keep_large_enough(sizes, patch_size):
   """Drops images smaller than the patch in either side (and files that cannot be decoded for
-  training), logging how many were dropped. `sizes`: image_sizes(paths), when already read."""
-  if sizes is None:
-    sizes = image_sizes(paths)
-  sizes = [sizes[p] for p in paths]
+  training), logging how many were dropped. `sizes`: image_sizes() of the candidate files."""
+  paths, sizes = list(sizes), list(sizes.values())
   unreadable = sizes.count(None)
   if unreadable:
     log.warning("skipped %d of %d files that are not PNG, JPEG, BMP or GIF images, or are damaged",
@@ -229,8 +227,9 @@ def train_dataset(dataset="builtin", patch_size=256, batch_size=8, train_glob=No
         lambda im: tf.reduce_all(tf.shape(im)[:2] >= patch_size)).repeat()
     images = images.shuffle(256, seed=seed)
   else:
-    paths = keep_large_enough(list(sizes) if sizes is not None else train_paths(dataset, train_glob),
-                              patch_size, sizes)
+    if sizes is None:
+      sizes = image_sizes(train_paths(dataset, train_glob))
+    paths = keep_large_enough(sizes, patch_size)
     files = tf.data.Dataset.from_tensor_slices(paths)
     if dataset == "builtin":
       # A handful of photos: decode them once, then crop from memory forever.
