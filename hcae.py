@@ -63,22 +63,27 @@ class ExactResBlock(tf.Module):
     return tf.clip_by_value(a + self.conv_b(self.conv_a(a)), -exact.LIMIT, exact.LIMIT)
 
 
-def stem(num_filters):
+def stem(num_filters, bls2017_layout=False):
+  """GDN analysis down to 1/16: four 5x5 stride-2 layers (bmshj2018's), or bls2017's 9x9 stride-4
+  layer followed by two 5x5 stride-2 ones, which never holds a 1/2-resolution map."""
+  outer = ([_conv(num_filters, 9, 4, tfc.GDN())] if bls2017_layout else
+           [_conv(num_filters, 5, 2, tfc.GDN()), _conv(num_filters, 5, 2, tfc.GDN())])
   return tf.keras.Sequential([
       tf.keras.layers.Rescaling(1 / 255),
-      _conv(num_filters, 5, 2, tfc.GDN()),
-      _conv(num_filters, 5, 2, tfc.GDN()),
+      *outer,
       _conv(num_filters, 5, 2, tfc.GDN()),
       _conv(num_filters, 5, 2),
   ], name="stem")
 
 
-def synthesis_transform(num_filters):
+def synthesis_transform(num_filters, bls2017_layout=False):
+  """The stem's mirror, inverse GDN."""
+  outer = ([_conv(3, 9, 4, None, True)] if bls2017_layout else
+           [_conv(num_filters, 5, 2, tfc.GDN(inverse=True), True), _conv(3, 5, 2, None, True)])
   return tf.keras.Sequential([
       _conv(num_filters, 5, 2, tfc.GDN(inverse=True), True),
       _conv(num_filters, 5, 2, tfc.GDN(inverse=True), True),
-      _conv(num_filters, 5, 2, tfc.GDN(inverse=True), True),
-      _conv(3, 5, 2, None, True),
+      *outer,
       tf.keras.layers.Rescaling(255),
   ], name="synthesis")
 
@@ -94,7 +99,8 @@ class HCAEModel(CompressionModel):
   # where lambda * MSE dominates the loss and single batches can produce gradient spikes.
   GLOBAL_CLIPNORM = 1.0
 
-  def __init__(self, lmbda, levels=6, num_filters=128, latent_channels=(64,), **kwargs):
+  def __init__(self, lmbda, levels=6, num_filters=128, latent_channels=(64,),
+               bls2017_transforms=False, **kwargs):
     super().__init__(lmbda, **kwargs)
     if levels < 2:
       raise UserError("--levels must be at least 2 (a top hyperprior and one level below it)")
@@ -111,7 +117,7 @@ class HCAEModel(CompressionModel):
     # Strings in file order: the top level first, the finest (longest) last.
     self.STRING_NAMES = tuple(f"z{level + 1}" for level in reversed(range(levels)))
     n = num_filters
-    self.stem = stem(n)
+    self.stem = stem(n, bls2017_transforms)
     self.bottom_up = [self._bottom_up_block(level) for level in range(levels)]
     top = levels - 1
     self.top_posterior = _conv(channels[top], 3, name="top_posterior")
@@ -129,7 +135,7 @@ class HCAEModel(CompressionModel):
       self.posterior_net.append(_conv(channels[level], 3, name=f"posterior_{level}"))
       self.merge.append(_conv(n, 3, name=f"merge_{level}"))
     self.out_block = ResBlock(n, name="out_block")
-    self.synthesis = synthesis_transform(n)
+    self.synthesis = synthesis_transform(n, bls2017_transforms)
     self.top_model = self.level_model = self.exact = self.synthesis64 = None
     self.build((None, None, None, 3))
 
@@ -279,11 +285,16 @@ def add_model_flags(parser):
   parser.add_argument("--latent_channels", type=_channels, default=[64],
                       help="latent channels per level, finest first: one value for all levels or "
                       "one per level, comma-separated (e.g. 96,64,64,32,32,32)")
+  parser.add_argument("--bls2017_transforms", action="store_true",
+                      help="stem and synthesis shaped as bls2017's (a 9x9 stride-4 layer, then two 5x5 "
+                      "stride-2 layers) instead of four 5x5 stride-2 layers each way: no map at half "
+                      "the image's resolution, about 2x fewer operations per pixel (the cpu preset)")
 
 
 def build_model(args):
   return HCAEModel(args.lmbda, levels=args.levels, num_filters=args.num_filters,
-                   latent_channels=args.latent_channels)
+                   latent_channels=args.latent_channels,
+                   bls2017_transforms=args.bls2017_transforms)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """hcae specifics: the hierarchy's shape, and training that stays finite at the sweep's top lambda."""
+import json
 import math
 
 import numpy as np
@@ -92,3 +93,42 @@ def test_files_of_exports_that_padded_to_64_are_refused():
   np.testing.assert_array_equal(old.decode(old_file), new.decode(new.encode(image)[0]))
   with pytest.raises(BitstreamError, match="another hcae model"):
     new.decode(old_file)
+
+
+def test_bls2017_transforms_code_a_photo_at_the_same_latent_grid():
+  # The cpu preset's stem and synthesis: a 9x9 stride-4 layer and two 5x5 stride-2 ones each way.
+  # The latents keep the 1/16 grid of the four stride-2 layers, and a real file of an odd-sized
+  # photo decodes (float64 synthesis included) to the photo's size, the same bytes every time.
+  from conftest import natural_image
+  from utils.codec import Codec
+  tf.keras.utils.set_random_seed(0)
+  model = hcae.HCAEModel(0.01, levels=6, num_filters=8, latent_channels=[4], bls2017_transforms=True)
+  assert [(layer.kernel_size[0], layer.strides[0]) for layer in model.stem.layers[1:]] == [
+      (9, 4), (5, 2), (5, 2)]
+  assert [(layer.kernel_size[0], layer.strides[0]) for layer in model.synthesis.layers[:-1]] == [
+      (5, 2), (5, 2), (9, 4)]
+  default = hcae.HCAEModel(0.01, levels=6, num_filters=8, latent_channels=[4])
+  image = natural_image(40, 72)
+  batch = tf.constant(image, tf.float32)[None]
+  assert [f.shape for f in model._features(batch)] == [f.shape for f in default._features(batch)]
+  codec = Codec.from_model(model, {})
+  data, _ = codec.encode(image)
+  decoded = codec.decode(data)
+  assert decoded.shape == image.shape and decoded.dtype == np.uint8
+  np.testing.assert_array_equal(codec.decode(codec.encode(image)[0]), decoded)
+
+
+def test_the_switch_is_recorded_only_when_on_so_older_models_still_resume(tmp_path):
+  parser, flags = cli.build_parser("hcae", hcae.add_model_flags)
+  base = ["train", "--lambda", "0.01", "--model_path", str(tmp_path)]
+  off, on = parser.parse_args(base), parser.parse_args(base + ["--bls2017_transforms"])
+  for args in (off, on):
+    cli.check_train_flags(args, flags)  # a switch is not a positive-integer flag
+  # The config a model trained before the switch existed recorded.
+  (tmp_path / training.CONFIG).write_text(json.dumps(
+      {"codec": "hcae", "lambda": 0.01, "levels": 6, "num_filters": 128, "latent_channels": [64]}))
+  training.check_model_dir(str(tmp_path), cli.model_config("hcae", off, flags))
+  with pytest.raises(UserError, match="bls2017_transforms: None -> True"):
+    training.check_model_dir(str(tmp_path), cli.model_config("hcae", on, flags))
+  with pytest.raises(UserError, match="another shape"):
+    training.check_warm_start(str(tmp_path), cli.model_config("hcae", on, flags))

@@ -235,7 +235,10 @@ def _evaluate(args, name):
 def model_config(name, args, model_flags):
   """What defines a trained model: recorded with it, and checked before a run resumes."""
   config = {"codec": name, "lambda": args.lmbda}
-  config.update({k: getattr(args, k) for k in model_flags})
+  # A switch that is off is left out: a model trained before the switch existed is the same model,
+  # and its recorded config still matches (resume, warm start).
+  config.update({k: getattr(args, k) for k in model_flags
+                 if getattr(args, k) is not False and getattr(args, k) is not None})
   return config
 
 
@@ -255,7 +258,7 @@ def check_train_flags(args, model_flags):
     if getattr(args, flag) < 0:
       raise UserError(f"--{flag} must be 0 or more, not {getattr(args, flag)}")
   int_flags = ["patch_size", "batch_size", "epochs", "steps_per_epoch", "backup_steps"]
-  int_flags += [k for k in model_flags if isinstance(getattr(args, k), int)]
+  int_flags += [k for k in model_flags if type(getattr(args, k)) is int]  # not the switches
   int_flags += ["finish_patch_size", "finish_batch_size"]  # None: derived from --patch_size, --batch_size
   for flag in int_flags:
     if getattr(args, flag) is not None and getattr(args, flag) <= 0:
