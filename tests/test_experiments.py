@@ -62,7 +62,7 @@ def test_only_hcae_finishes_on_larger_crops_and_its_warm_jobs_throughout():
   assert parser.parse_args(["train", *warm]).finish_patch_size == 256
 
 
-def test_cpu_preset_hcae_has_its_two_finest_levels_wider():
+def test_cpu_preset_hcae_has_its_two_finest_levels_wider_and_bls2017s_outer_layers():
   import hcae
   from utils import cli
   cpu = sweep.load_presets()["cpu"]
@@ -70,10 +70,12 @@ def test_cpu_preset_hcae_has_its_two_finest_levels_wider():
   for lmbda in cpu["lambdas"]:
     args = parser.parse_args(["train", *sweep.train_argv(cpu, "hcae", lmbda, {})])
     assert (args.levels, args.num_filters, args.latent_channels) == (6, 64, [64, 64, 32, 32, 32, 32])
+    assert args.bls2017_transforms and args.epochs == 36
   model = hcae.build_model(args)
   # Both 1/16 levels (z1, z2) at 64 channels: their posteriors and priors are built at that width.
   assert [model.posterior_net[level].filters for level in range(5)] == [64, 64, 32, 32, 32]
   assert model.top_posterior.filters == 32
+  assert model.stem.layers[1].strides == (4, 4) and model.synthesis.layers[-2].strides == (4, 4)
 
 
 def test_shards_partition_the_jobs():
