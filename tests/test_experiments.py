@@ -39,7 +39,7 @@ def test_train_values_given_per_model_reach_each_models_jobs():
     assert not any("{" in a for a in argv), argv  # a dict never leaks into a flag
   assert flags["bls2017"] == dict(zip(keys, ("128", "8", "0.001", "20")))
   assert flags["bmshj2018"] == dict(zip(keys, ("128", "4", "0.002", "30")))
-  assert flags["hcae"] == dict(zip(keys, ("128", "4", "0.001", "24")))
+  assert flags["hcae"] == dict(zip(keys, ("128", "4", "0.001", "36")))
   # A command-line override replaces the per-model value for every model.
   argv = sweep.train_argv(cpu, "bmshj2018", 0.015, {"batch_size": 16})
   assert argv[argv.index("--batch_size") + 1] == "16"
