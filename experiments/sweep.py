@@ -10,13 +10,13 @@ with the same flags) is skipped. Presets live in experiments/presets.json. Direc
 tf.io.gfile, so --models_dir can be on shared or cloud storage, and --shard splits the jobs across
 machines; --distribute hands a tf.distribute strategy to every job.
 
-Warm start (default; --cold turns it off for the papers' protocol): for each model, the middle
-lambda of the sweep is trained from scratch, then its neighbours outwards, each initialised from
-the nearest finished lambda of the same model shape (`train --init_from`) and trained for the
-preset's `warm_start_fraction` of the epochs at its `warm_start_learning_rate_scale` of the
-learning rate: lambdas change the rate-distortion balance, not what the transforms must learn, so a
-neighbour's weights are most of the way there. With --shard, a job
-whose neighbour is not finished yet (on another machine) starts cold.
+Warm start (default; --cold turns it off for the papers' protocol): for each model, the preset's
+`warm_start_anchor` lambda (else the middle one) is trained from scratch, then its neighbours
+outwards, each initialised from the nearest finished lambda of the same model shape
+(`train --init_from`) and trained for the preset's `warm_start_fraction` of the epochs at its
+`warm_start_learning_rate_scale` of the learning rate: lambdas change the rate-distortion balance,
+not what the transforms must learn, so a neighbour's weights are most of the way there. With
+--shard, a job whose neighbour is not finished yet (on another machine) starts cold.
 
 Parallel jobs (--jobs N; the cpu preset asks for 2): N jobs train at once, each pinned to its own
 share of the cores, and a warm-started job waits for the neighbour it starts from. On 2 CPU cores
@@ -92,11 +92,11 @@ def warm_argv(argv, preset, model, source):
   return argv + ["--init_from", source]
 
 
-def warm_order(lambdas):
-  """The middle lambda first, then outwards, alternating above and below: every lambda after the
-  first has a finished neighbour to start from."""
+def warm_order(lambdas, anchor=None):
+  """`anchor` first (default, or when it is not among `lambdas`: the middle lambda), then outwards,
+  alternating above and below: every lambda after the first has a finished neighbour to start from."""
   ordered = sorted(lambdas)
-  middle = (len(ordered) - 1) // 2
+  middle = ordered.index(anchor) if anchor in ordered else (len(ordered) - 1) // 2
   out = [ordered[middle]]
   for step in range(1, len(ordered)):
     for i in (middle + step, middle - step):
@@ -181,8 +181,8 @@ def parse_shard(text):
   return index, count
 
 
-def jobs(models, lambdas, shard, warm=False):
-  every = [(m, l) for m in models for l in (warm_order(lambdas) if warm else lambdas)]
+def jobs(models, lambdas, shard, warm=False, anchor=None):
+  every = [(m, l) for m in models for l in (warm_order(lambdas, anchor) if warm else lambdas)]
   index, count = shard
   return [job for i, job in enumerate(every) if i % count == index]
 
@@ -250,7 +250,7 @@ def main(argv=None):
   overrides = dict(dataset=args.dataset, train_glob=args.train_glob, data_dir=args.data_dir,
                    distribute=args.distribute, verbose=args.verbose)
   warm = not args.cold and preset.get("warm_start_fraction") is not None
-  todo = jobs(models, lambdas, args.shard, warm)
+  todo = jobs(models, lambdas, args.shard, warm, preset.get("warm_start_anchor"))
   start = time.time()
   slots = core_sets(min(jobs_at_once, max(len(todo), 1)))
   at_once = f", {len(slots)} at once" if len(slots) > 1 else ""

@@ -88,6 +88,9 @@ def test_shards_partition_the_jobs():
 
 def test_warm_order_starts_in_the_middle_and_goes_outwards():
   assert sweep.warm_order([0.05, 0.004, 0.19, 0.015]) == [0.015, 0.05, 0.004, 0.19]
+  # Another anchor: outwards from it; one not among the lambdas (a --lambdas override): the middle.
+  assert sweep.warm_order([0.001, 0.05, 0.004, 0.015], anchor=0.015) == [0.015, 0.05, 0.004, 0.001]
+  assert sweep.warm_order([0.001, 0.05, 0.004, 0.015], anchor=0.19) == [0.004, 0.015, 0.001, 0.05]
   lambdas = [0.0006, 0.001, 0.004, 0.015, 0.05, 0.19, 0.65, 2.29, 8.02]
   order = sweep.warm_order(lambdas)
   assert order[0] == 0.05 and sorted(order) == lambdas
@@ -95,6 +98,15 @@ def test_warm_order_starts_in_the_middle_and_goes_outwards():
   for i, lmbda in enumerate(order[1:], 1):
     k = lambdas.index(lmbda)
     assert {lambdas[j] for j in (k - 1, k + 1) if 0 <= j < len(lambdas)} & set(order[:i])
+
+
+def test_the_sweep_trains_the_presets_anchor_first(monkeypatch, tmp_path):
+  seen = []
+  monkeypatch.setattr(sweep, "run_jobs", lambda todo, *rest: seen.append(todo) or 0)
+  assert sweep.main(["--model", "bls2017", "--preset", "cpu", "--models_dir", str(tmp_path)]) == 0
+  assert seen == [[("bls2017", 0.015), ("bls2017", 0.05), ("bls2017", 0.004), ("bls2017", 0.001)]]
+  assert sweep.main(["--model", "bls2017", "--preset", "cpu", "--models_dir", str(tmp_path), "--cold"]) == 0
+  assert seen[-1] == [("bls2017", l) for l in (0.001, 0.004, 0.015, 0.05)]
 
 
 def test_warm_jobs_train_a_fraction_of_the_epochs_from_their_neighbour():
@@ -146,12 +158,13 @@ def test_sweep_trains_every_pair_then_skips_them(swept):
 
 def test_a_warm_job_waits_for_the_neighbour_it_starts_from():
   cpu = sweep.load_presets()["cpu"]
-  todo = sweep.jobs(("bls2017", "hcae"), cpu["lambdas"], (0, 1), warm=True)
+  assert cpu["lambdas"] == [0.001, 0.004, 0.015, 0.05] and cpu["warm_start_anchor"] == 0.015
+  todo = sweep.jobs(("bls2017", "hcae"), cpu["lambdas"], (0, 1), warm=True, anchor=cpu["warm_start_anchor"])
   waits = sweep.plan(todo, cpu, warm=True)
   named = {job: todo[w] if w is not None else None for job, w in zip(todo, waits)}
   assert named[("bls2017", 0.015)] is None and named[("hcae", 0.015)] is None
   assert named[("bls2017", 0.05)] == named[("bls2017", 0.004)] == ("bls2017", 0.015)
-  assert named[("hcae", 0.19)] == ("hcae", 0.05)
+  assert named[("hcae", 0.001)] == ("hcae", 0.004)
   assert sweep.plan(todo, cpu, warm=False) == [None] * len(todo)
   # The paper preset widens bmshj2018 from lambda 0.19: the wide jobs wait for a wide one, or none.
   paper = sweep.load_presets()["paper"]
