@@ -128,6 +128,23 @@ def plan(todo, preset, warm):
   return waits
 
 
+def chain_lengths(waits):
+  """For each job of a plan, the length of the longest chain of jobs waiting on it, one after the
+  other (0: none waits for it)."""
+  below = [0] * len(waits)
+  for i in reversed(range(len(waits))):  # a job only ever waits for an earlier one
+    if waits[i] is not None:
+      below[waits[i]] = max(below[waits[i]], below[i] + 1)
+  return below
+
+
+def next_job(ready, waits, chains):
+  """Which of the `ready` jobs to start. Cold jobs first: they are the longest, and every warm job
+  waits for one. Then the one with the longest chain waiting on it (chain_lengths): started last,
+  such a chain runs alone at the end while the other cores idle."""
+  return min(ready, key=lambda j: (waits[j] is not None, -chains[j], j))
+
+
 def core_sets(jobs):
   """The cores each of `jobs` parallel jobs is pinned to: contiguous, equal shares of this
   process's cores; [None] * jobs where affinity cannot be set (no pinning)."""
@@ -278,14 +295,14 @@ def run_jobs(todo, waits, slots, preset, lambdas, models_dir, overrides, warm):
   """
   pending, running, finished, failure = list(range(len(todo))), {}, set(), 0
   free = list(slots)
+  chains = chain_lengths(waits)
   try:
     while pending or running:
       while free and not failure:
         ready = [i for i in pending if waits[i] is None or waits[i] in finished]
         if not ready:
           break
-        # Cold jobs first: they are the longest, and every warm job waits for one.
-        i = min(ready, key=lambda j: (waits[j] is not None, j))
+        i = next_job(ready, waits, chains)
         pending.remove(i)
         started = _start(i, todo, free[0], len(slots) > 1, preset, lambdas, models_dir, overrides, warm)
         if started is None:  # finished before: what waits for it may start now

@@ -165,6 +165,15 @@ def test_a_warm_job_waits_for_the_neighbour_it_starts_from():
   assert named[("bls2017", 0.015)] is None and named[("hcae", 0.015)] is None
   assert named[("bls2017", 0.05)] == named[("bls2017", 0.004)] == ("bls2017", 0.015)
   assert named[("hcae", 0.001)] == ("hcae", 0.004)
+  chains = dict(zip(todo, sweep.chain_lengths(waits)))
+  assert chains[("hcae", 0.015)] == 2 and chains[("hcae", 0.004)] == 1
+  assert chains[("hcae", 0.05)] == chains[("hcae", 0.001)] == 0
+  # With both anchors done, hcae's 0.004 (0.001 waits for it) starts before the earlier-listed 0.05
+  # and bls2017's last job; a cold job would start before any of them.
+  ready = [todo.index(j) for j in (("bls2017", 0.001), ("hcae", 0.05), ("hcae", 0.004))]
+  assert todo[sweep.next_job(ready, waits, sweep.chain_lengths(waits))] == ("hcae", 0.004)
+  cold = [w for w in range(len(todo)) if waits[w] is None]
+  assert sweep.next_job(ready + cold[1:], waits, sweep.chain_lengths(waits)) == cold[1]
   assert sweep.plan(todo, cpu, warm=False) == [None] * len(todo)
   # The paper preset widens bmshj2018 from lambda 0.19: the wide jobs wait for a wide one, or none.
   paper = sweep.load_presets()["paper"]
