@@ -37,8 +37,8 @@ def test_train_values_given_per_model_reach_each_models_jobs():
     argv = sweep.train_argv(cpu, model, 0.015, {})
     flags[model] = {k: argv[argv.index(k) + 1] for k in keys}
     assert not any("{" in a for a in argv), argv  # a dict never leaks into a flag
-  assert flags["bls2017"] == dict(zip(keys, ("128", "8", "0.001", "20")))
-  assert flags["bmshj2018"] == dict(zip(keys, ("128", "4", "0.002", "30")))
+  assert flags["bls2017"] == dict(zip(keys, ("128", "8", "0.001", "16")))
+  assert flags["bmshj2018"] == dict(zip(keys, ("128", "4", "0.002", "26")))
   assert flags["hcae"] == dict(zip(keys, ("128", "4", "0.001", "36")))
   # A command-line override replaces the per-model value for every model.
   argv = sweep.train_argv(cpu, "bmshj2018", 0.015, {"batch_size": 16})
@@ -113,7 +113,7 @@ def test_warm_jobs_train_a_fraction_of_the_epochs_from_their_neighbour():
   preset = sweep.load_presets()["cpu"]
   argv = sweep.train_argv(preset, "bls2017", 0.05, {})
   warm = sweep.warm_argv(argv, preset, "bls2017", "models/x/bls2017-lambda0.015")
-  assert warm[warm.index("--epochs") + 1] == str(round(20 * preset["warm_start_fraction"]))
+  assert warm[warm.index("--epochs") + 1] == str(round(16 * preset["warm_start_fraction"]))
   assert warm[-2:] == ["--init_from", "models/x/bls2017-lambda0.015"]
   assert warm[warm.index("--learning_rate") + 1] == argv[argv.index("--learning_rate") + 1]
 
