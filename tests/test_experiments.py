@@ -125,16 +125,17 @@ def test_warm_jobs_train_a_fraction_of_the_epochs_from_their_neighbour():
   assert warm[warm.index("--learning_rate") + 1] == argv[argv.index("--learning_rate") + 1]
 
 
-def test_warm_hcae_jobs_fine_tune_at_a_lower_rate():
+@pytest.mark.parametrize("model", ["bmshj2018", "hcae"])
+def test_warm_hyperprior_jobs_fine_tune_at_a_lower_rate(model):
   preset = sweep.load_presets()["cpu"]
-  argv = sweep.train_argv(preset, "hcae", 0.05, {"learning_rate": 2e-3})
-  warm = sweep.warm_argv(argv, preset, "hcae", "models/x/hcae-lambda0.015")
-  scale = preset["warm_start_learning_rate_scale"]["hcae"]
+  argv = sweep.train_argv(preset, model, 0.05, {"learning_rate": 2e-3})
+  warm = sweep.warm_argv(argv, preset, model, f"models/x/{model}-lambda0.015")
+  scale = preset["warm_start_learning_rate_scale"][model]
   assert scale < 1
   assert float(warm[warm.index("--learning_rate") + 1]) == pytest.approx(2e-3 * scale)
   assert argv[argv.index("--learning_rate") + 1] == "0.002"  # the cold job's flags are left alone
   with pytest.raises(ValueError, match="learning_rate"):
-    sweep.warm_argv([a for a in argv if a not in ("--learning_rate", "0.002")], preset, "hcae", "m")
+    sweep.warm_argv([a for a in argv if a not in ("--learning_rate", "0.002")], preset, model, "m")
 
 
 @pytest.fixture(scope="module")
