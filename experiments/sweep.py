@@ -138,11 +138,28 @@ def chain_lengths(waits):
   return below
 
 
-def next_job(ready, waits, chains):
+def job_epochs(todo, waits, preset, overrides):
+  """The epochs each job of a plan trains for (a warm one: its preset's share of the model's)."""
+  epochs = []
+  for (model, lmbda), wait in zip(todo, waits):
+    argv = train_argv(preset, model, lmbda, overrides)
+    if "--epochs" not in argv:  # every job at the script's default
+      epochs.append(0)
+      continue
+    if wait is not None:
+      argv = warm_argv(argv, preset, model, "")
+    epochs.append(int(argv[argv.index("--epochs") + 1]))
+  return epochs
+
+
+def next_job(ready, waits, chains, epochs=None):
   """Which of the `ready` jobs to start. Cold jobs first: they are the longest, and every warm job
   waits for one. Then the one with the longest chain waiting on it (chain_lengths): started last,
-  such a chain runs alone at the end while the other cores idle."""
-  return min(ready, key=lambda j: (waits[j] is not None, -chains[j], j))
+  such a chain runs alone at the end while the other cores idle. Then the one with the most epochs
+  (`epochs`, job_epochs): the cpu preset's hcae and bmshj2018 anchors take 30 minutes, bls2017's
+  11; started after bls2017's, one of them ran on alone (sweep-cpu-s20, 2026-12-07)."""
+  epochs = epochs or [0] * len(waits)
+  return min(ready, key=lambda j: (waits[j] is not None, -chains[j], -epochs[j], j))
 
 
 def core_sets(jobs):
@@ -295,14 +312,14 @@ def run_jobs(todo, waits, slots, preset, lambdas, models_dir, overrides, warm):
   """
   pending, running, finished, failure = list(range(len(todo))), {}, set(), 0
   free = list(slots)
-  chains = chain_lengths(waits)
+  chains, epochs = chain_lengths(waits), job_epochs(todo, waits, preset, overrides)
   try:
     while pending or running:
       while free and not failure:
         ready = [i for i in pending if waits[i] is None or waits[i] in finished]
         if not ready:
           break
-        i = next_job(ready, waits, chains)
+        i = next_job(ready, waits, chains, epochs)
         pending.remove(i)
         started = _start(i, todo, free[0], len(slots) > 1, preset, lambdas, models_dir, overrides, warm)
         if started is None:  # finished before: what waits for it may start now

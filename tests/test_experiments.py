@@ -62,11 +62,7 @@ def test_hyperprior_models_finish_on_larger_crops():
     warm = sweep.warm_argv(sweep.train_argv(cpu, model, 0.05, {}), cpu, model, "m")
     parser, _ = cli.build_parser(model, module.add_model_flags)
     assert parser.parse_args(["train", *warm]).finish_patch_size == 256
-    if model == "hcae":
-      assert value(warm, "--epochs") <= value(warm, "--finish_epochs")  # every warm step on large crops
-    else:
-      # bmshj2018's warm jobs warm up on small crops, then end on large ones, as its anchor.
-      assert 0 < value(warm, "--epochs") - value(warm, "--finish_epochs") < value(warm, "--epochs")
+    assert value(warm, "--epochs") <= value(warm, "--finish_epochs")  # every warm step on large crops
 
 
 def test_cpu_preset_hcae_has_its_two_finest_levels_wider_and_bls2017s_outer_layers():
@@ -182,6 +178,14 @@ def test_a_warm_job_waits_for_the_neighbour_it_starts_from():
   assert todo[sweep.next_job(ready, waits, sweep.chain_lengths(waits))] == ("hcae", 0.004)
   cold = [w for w in range(len(todo)) if waits[w] is None]
   assert sweep.next_job(ready + cold[1:], waits, sweep.chain_lengths(waits)) == cold[1]
+  # Among jobs alike so far, the one with the most epochs: hcae's 36-epoch anchor before bls2017's 16.
+  epochs = dict(zip(todo, sweep.job_epochs(todo, waits, cpu, {})))
+  assert epochs[("bls2017", 0.015)] == 16 and epochs[("hcae", 0.015)] == 36
+  assert epochs[("hcae", 0.05)] == round(36 * cpu["warm_start_fraction"]) < 36
+  assert todo[sweep.next_job(cold, waits, sweep.chain_lengths(waits), sweep.job_epochs(todo, waits, cpu, {}))] \
+      == ("hcae", 0.015)
+  assert todo[sweep.next_job(cold, waits, sweep.chain_lengths(waits))] == ("bls2017", 0.015)
+  assert sweep.job_epochs(todo, waits, cpu, {"epochs": 3})[todo.index(("bls2017", 0.015))] == 3
   assert sweep.plan(todo, cpu, warm=False) == [None] * len(todo)
   # The paper preset widens bmshj2018 from lambda 0.19: the wide jobs wait for a wide one, or none.
   paper = sweep.load_presets()["paper"]
