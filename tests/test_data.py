@@ -33,6 +33,14 @@ def test_builtin_training_batches():
   assert not np.array_equal(batches[0].numpy(), batches[1].numpy())
 
 
+def test_training_batches_are_not_autotuned(image_folder):
+  """tf.data's autotuning thread kept every finished model.fit waiting for it, 20-60 s on one core."""
+  for ds in (data.train_dataset("builtin", patch_size=64, batch_size=4),
+             data.train_dataset("folder", patch_size=64, batch_size=3, train_glob=str(image_folder / "*"))):
+    assert ds.options().autotune.enabled is False
+    _check_batch(next(iter(ds)), ds.element_spec.shape[0], 64)
+
+
 def test_folder_batches_skip_small_images(image_folder, caplog):
   with caplog.at_level(logging.WARNING, logger="utils.data"):
     ds = data.train_dataset("folder", patch_size=64, batch_size=3,

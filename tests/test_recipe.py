@@ -309,6 +309,7 @@ def test_the_last_finish_epochs_train_on_larger_crops_with_the_same_pixels(image
   assert training.finish_crops(args) == (1, 64, 1)  # twice the side, a quarter of the batch
   shapes = [tuple(b.shape) for b in training.train_dataset(args, str(tmp_path / "none")).take(6)]
   assert shapes == [(4, 32, 32, 3)] * 4 + [(1, 64, 64, 3)] * 2
+  assert training.train_dataset(args, str(tmp_path / "none")).options().autotune.enabled is False
   args.finish_epochs = 5  # more than --epochs: every step
   assert {tuple(b.shape) for b in training.train_dataset(args, str(tmp_path)).take(3)} == {(1, 64, 64, 3)}
   args.finish_epochs, args.finish_patch_size, args.finish_batch_size = 1, 48, 3
