@@ -250,11 +250,11 @@ def train_dataset(dataset="builtin", patch_size=256, batch_size=8, train_glob=No
     # Several crops per cached image are cheap; shuffle so a batch mixes photos.
     ds = ds.shuffle(64, seed=seed)
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  # tf.data's autotuning thread sleeps between its optimisations, up to 60 s apart, and deleting
-  # the iterator at the end of model.fit waited for it to wake: 20-60 s of a training run spent
-  # idle after its last step (every warm job of the cpu preset's sweep). Without it, AUTOTUNE means
-  # one parallel call per core and a prefetch buffer that grows while the model waits: steps were
-  # as fast (README, "Experiments").
+  # tf.data's autotuning thread sleeps ever longer between its optimisations (tens of seconds
+  # after a minute of training), and deleting the iterator at the end of model.fit waits for it
+  # to wake: a 2-epoch warm job of the cpu preset's sweep sat idle 23-30 s after its last step.
+  # Without it, AUTOTUNE means one parallel call per core and a prefetch buffer that grows while
+  # the model waits: steps were as fast (README, "Experiments").
   options = tf.data.Options()
   options.autotune.enabled = False
   return ds.with_options(options)
