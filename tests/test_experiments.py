@@ -121,6 +121,35 @@ def test_warm_jobs_train_a_fraction_of_the_epochs_from_their_neighbour():
   assert warm[warm.index("--learning_rate") + 1] == argv[argv.index("--learning_rate") + 1]
 
 
+def test_epochs_scale_shortens_every_job_and_its_finish(monkeypatch, tmp_path, capsys):
+  cpu = sweep.load_presets()["cpu"]
+  short = sweep.scale_epochs(cpu, 0.75)
+  assert sweep.scale_epochs(cpu, 1.0) is cpu and cpu["train"]["epochs"]["hcae"] == 36  # not changed
+  assert short["train"]["epochs"] == {"bls2017": 12, "bmshj2018": 20, "hcae": 27}
+  assert short["train"]["finish_epochs"] == {"bmshj2018": 3, "hcae": 6}
+  assert {k: v for k, v in short["train"].items() if "epochs" not in k} == \
+      {k: v for k, v in cpu["train"].items() if "epochs" not in k}
+  todo = sweep.jobs(sweep.MODELS, cpu["lambdas"], (0, 1), warm=True, anchor=0.015)
+  waits = sweep.plan(todo, short, warm=True)
+  epochs = dict(zip(todo, sweep.job_epochs(todo, waits, short, {})))
+  assert [epochs[(m, 0.05)] for m in sweep.MODELS] == [2, 3, 4]  # warm jobs: 0.15 of 12, 20, 27
+  assert sweep.scale_epochs(sweep.load_presets()["smoke"], 0.1)["train"]["epochs"] == 1
+  with pytest.raises(ValueError, match="gives its epochs"):
+    sweep.scale_epochs(dict(cpu, train={"dataset": "builtin"}), 0.5)
+  # The command line: the scaled preset reaches the jobs, in directories of their own.
+  seen = []
+  monkeypatch.setattr(sweep, "run_jobs", lambda todo, waits, slots, preset, lambdas, models_dir, *rest:
+                      seen.append((preset, models_dir)) or 0)
+  monkeypatch.chdir(tmp_path)
+  assert sweep.main(["--model", "hcae", "--preset", "cpu", "--epochs_scale", "0.75"]) == 0
+  assert seen[-1][0]["train"]["epochs"]["hcae"] == 27
+  assert seen[-1][1] == os.path.join("models", "sweep-cpu-x0.75")
+  for bad in ("0", "-1"):
+    with pytest.raises(SystemExit):
+      sweep.main(["--preset", "cpu", "--epochs_scale", bad])
+    assert "--epochs_scale must be positive" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("model", ["bmshj2018", "hcae"])
 def test_warm_hyperprior_jobs_fine_tune_at_a_lower_rate(model):
   preset = sweep.load_presets()["cpu"]
