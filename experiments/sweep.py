@@ -51,8 +51,8 @@ def load_presets(path=PRESETS):
 def scale_epochs(preset, scale):
   """A copy of `preset` in which every model trains `scale` times its epochs and its finish_epochs
   (rounded, at least 1); warm jobs then take their fraction of those. For a machine slower or
-  faster than the one the preset was timed on, or a quick look: the cpu preset's times and
-  BD-rates at 0.75 are in the README ("Experiments")."""
+  faster than the one the preset was timed on, or a quick look (README, "Experiments": the cpu
+  preset's epochs are 0.75 of those it had until 2026-12-07, measured both ways)."""
   if scale == 1:
     return preset
   train = dict(preset["train"])
@@ -177,8 +177,8 @@ def next_job(ready, waits, chains, epochs=None):
   """Which of the `ready` jobs to start. Cold jobs first: they are the longest, and every warm job
   waits for one. Then the one with the longest chain waiting on it (chain_lengths): started last,
   such a chain runs alone at the end while the other cores idle. Then the one with the most epochs
-  (`epochs`, job_epochs): the cpu preset's hcae and bmshj2018 anchors take 30 minutes, bls2017's
-  11; started after bls2017's, one of them ran on alone (sweep-cpu-s20, 2026-12-07)."""
+  (`epochs`, job_epochs): the cpu preset's hcae and bmshj2018 anchors take about 30 minutes,
+  bls2017's 12; started after bls2017's, one of them ran on alone (sweep-cpu-s20, 2026-12-07)."""
   epochs = epochs or [0] * len(waits)
   return min(ready, key=lambda j: (waits[j] is not None, -chains[j], -epochs[j], j))
 

@@ -37,9 +37,9 @@ def test_train_values_given_per_model_reach_each_models_jobs():
     argv = sweep.train_argv(cpu, model, 0.015, {})
     flags[model] = {k: argv[argv.index(k) + 1] for k in keys}
     assert not any("{" in a for a in argv), argv  # a dict never leaks into a flag
-  assert flags["bls2017"] == dict(zip(keys, ("128", "8", "0.001", "16")))
-  assert flags["bmshj2018"] == dict(zip(keys, ("128", "4", "0.002", "26")))
-  assert flags["hcae"] == dict(zip(keys, ("128", "4", "0.001", "36")))
+  assert flags["bls2017"] == dict(zip(keys, ("128", "8", "0.001", "12")))
+  assert flags["bmshj2018"] == dict(zip(keys, ("128", "4", "0.002", "20")))
+  assert flags["hcae"] == dict(zip(keys, ("128", "4", "0.001", "27")))
   # A command-line override replaces the per-model value for every model.
   argv = sweep.train_argv(cpu, "bmshj2018", 0.015, {"batch_size": 16})
   assert argv[argv.index("--batch_size") + 1] == "16"
@@ -54,7 +54,7 @@ def test_hyperprior_models_finish_on_larger_crops():
   import bmshj2018
   import hcae
   from utils import cli
-  for model, module, finish in (("bmshj2018", bmshj2018, 4), ("hcae", hcae, 8)):
+  for model, module, finish in (("bmshj2018", bmshj2018, 3), ("hcae", hcae, 6)):
     anchor = sweep.train_argv(cpu, model, 0.015, {})
     assert (value(anchor, "--finish_epochs"), value(anchor, "--finish_patch_size"),
             value(anchor, "--finish_batch_size")) == (finish, 256, 1)
@@ -73,7 +73,7 @@ def test_cpu_preset_hcae_has_its_two_finest_levels_wider_and_bls2017s_outer_laye
   for lmbda in cpu["lambdas"]:
     args = parser.parse_args(["train", *sweep.train_argv(cpu, "hcae", lmbda, {})])
     assert (args.levels, args.num_filters, args.latent_channels) == (6, 64, [64, 64, 32, 32, 32, 32])
-    assert args.bls2017_transforms and args.epochs == 36
+    assert args.bls2017_transforms and args.epochs == 27
   model = hcae.build_model(args)
   # Both 1/16 levels (z1, z2) at 64 channels: their posteriors and priors are built at that width.
   assert [model.posterior_net[level].filters for level in range(5)] == [64, 64, 32, 32, 32]
@@ -116,23 +116,23 @@ def test_warm_jobs_train_a_fraction_of_the_epochs_from_their_neighbour():
   preset = sweep.load_presets()["cpu"]
   argv = sweep.train_argv(preset, "bls2017", 0.05, {})
   warm = sweep.warm_argv(argv, preset, "bls2017", "models/x/bls2017-lambda0.015")
-  assert warm[warm.index("--epochs") + 1] == str(round(16 * preset["warm_start_fraction"]))
+  assert warm[warm.index("--epochs") + 1] == str(round(12 * preset["warm_start_fraction"]))
   assert warm[-2:] == ["--init_from", "models/x/bls2017-lambda0.015"]
   assert warm[warm.index("--learning_rate") + 1] == argv[argv.index("--learning_rate") + 1]
 
 
 def test_epochs_scale_shortens_every_job_and_its_finish(monkeypatch, tmp_path, capsys):
   cpu = sweep.load_presets()["cpu"]
-  short = sweep.scale_epochs(cpu, 0.75)
-  assert sweep.scale_epochs(cpu, 1.0) is cpu and cpu["train"]["epochs"]["hcae"] == 36  # not changed
-  assert short["train"]["epochs"] == {"bls2017": 12, "bmshj2018": 20, "hcae": 27}
-  assert short["train"]["finish_epochs"] == {"bmshj2018": 3, "hcae": 6}
-  assert {k: v for k, v in short["train"].items() if "epochs" not in k} == \
+  longer = sweep.scale_epochs(cpu, 4 / 3)  # about the preset before 2026-12-07's last change
+  assert sweep.scale_epochs(cpu, 1.0) is cpu and cpu["train"]["epochs"]["hcae"] == 27  # not changed
+  assert longer["train"]["epochs"] == {"bls2017": 16, "bmshj2018": 27, "hcae": 36}
+  assert longer["train"]["finish_epochs"] == {"bmshj2018": 4, "hcae": 8}
+  assert {k: v for k, v in longer["train"].items() if "epochs" not in k} == \
       {k: v for k, v in cpu["train"].items() if "epochs" not in k}
   todo = sweep.jobs(sweep.MODELS, cpu["lambdas"], (0, 1), warm=True, anchor=0.015)
-  waits = sweep.plan(todo, short, warm=True)
-  epochs = dict(zip(todo, sweep.job_epochs(todo, waits, short, {})))
-  assert [epochs[(m, 0.05)] for m in sweep.MODELS] == [2, 3, 4]  # warm jobs: 0.15 of 12, 20, 27
+  waits = sweep.plan(todo, longer, warm=True)
+  epochs = dict(zip(todo, sweep.job_epochs(todo, waits, longer, {})))
+  assert [epochs[(m, 0.05)] for m in sweep.MODELS] == [2, 4, 5]  # warm jobs: 0.15 of 16, 27, 36
   assert sweep.scale_epochs(sweep.load_presets()["smoke"], 0.1)["train"]["epochs"] == 1
   with pytest.raises(ValueError, match="gives its epochs"):
     sweep.scale_epochs(dict(cpu, train={"dataset": "builtin"}), 0.5)
@@ -142,7 +142,7 @@ def test_epochs_scale_shortens_every_job_and_its_finish(monkeypatch, tmp_path, c
                       seen.append((preset, models_dir)) or 0)
   monkeypatch.chdir(tmp_path)
   assert sweep.main(["--model", "hcae", "--preset", "cpu", "--epochs_scale", "0.75"]) == 0
-  assert seen[-1][0]["train"]["epochs"]["hcae"] == 27
+  assert seen[-1][0]["train"]["epochs"]["hcae"] == 20
   assert seen[-1][1] == os.path.join("models", "sweep-cpu-x0.75")
   for bad in ("0", "-1"):
     with pytest.raises(SystemExit):
@@ -207,10 +207,10 @@ def test_a_warm_job_waits_for_the_neighbour_it_starts_from():
   assert todo[sweep.next_job(ready, waits, sweep.chain_lengths(waits))] == ("hcae", 0.004)
   cold = [w for w in range(len(todo)) if waits[w] is None]
   assert sweep.next_job(ready + cold[1:], waits, sweep.chain_lengths(waits)) == cold[1]
-  # Among jobs alike so far, the one with the most epochs: hcae's 36-epoch anchor before bls2017's 16.
+  # Among jobs alike so far, the one with the most epochs: hcae's 27-epoch anchor before bls2017's 12.
   epochs = dict(zip(todo, sweep.job_epochs(todo, waits, cpu, {})))
-  assert epochs[("bls2017", 0.015)] == 16 and epochs[("hcae", 0.015)] == 36
-  assert epochs[("hcae", 0.05)] == round(36 * cpu["warm_start_fraction"]) < 36
+  assert epochs[("bls2017", 0.015)] == 12 and epochs[("hcae", 0.015)] == 27
+  assert epochs[("hcae", 0.05)] == round(27 * cpu["warm_start_fraction"]) < 27
   assert todo[sweep.next_job(cold, waits, sweep.chain_lengths(waits), sweep.job_epochs(todo, waits, cpu, {}))] \
       == ("hcae", 0.015)
   assert todo[sweep.next_job(cold, waits, sweep.chain_lengths(waits))] == ("bls2017", 0.015)

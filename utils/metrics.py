@@ -69,7 +69,8 @@ def ms_ssim(a, b):
   geometric mean, then the mean over channels), computed in float64 with the Gaussian window
   applied as two 1-D passes: 8-10x faster than TensorFlow's 11x11 depthwise convolutions (1.2 s
   for a 512x512 photo on one core, most of Figure 6's time), and without the float32 cancellation
-  in TensorFlow's variances, which moved its values by up to 5.3e-5 over Figure 6's points (README, "Rate and quality numbers").
+  in TensorFlow's variances, which moved its values by up to 5.3e-5 over Figure 6's points
+  (README, "Rate and quality numbers").
   """
   x = np.asarray(a, np.float64)
   y = np.asarray(b, np.float64)
