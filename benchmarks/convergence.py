@@ -9,9 +9,12 @@ Model and training flags default to the `cpu` preset of experiments/presets.json
 anything after `--` is passed to `<model>.py train` and overrides them. --baseline trains with
 tensorflow-compression's recipe instead: Adam at a constant 1e-4, uniform noise, no clipping.
 
-The budget counts training steps only: the step count is set from a probe (the mean of 40 steps)
-so the learning rate schedule ends with the budget, and the evaluations (untimed) run between
-chunks of steps. A chunk's minutes run from the end of its first step to the end of its last, plus
+The budget counts training steps only: the step count is set from a probe (the mean step of at
+least 40 steps and PROBE_SECONDS, or a tenth of the budget if less: a run of 40 came out up to
+13 % fast, the steps' pace swinging by a fifth from one hundred to the next) so the learning rate schedule ends with the budget, and the
+evaluations (untimed) run between chunks of steps. A preset or flags with --finish_epochs K of
+--epochs E train the last K/E of the steps on the larger crops of that stage, as `train` does
+(the probe times both crops and weighs them so). A chunk's minutes run from the end of its first step to the end of its last, plus
 one step: what a fit pays before its first step ends is not training (the first one traces the
 train function, tens of seconds for hcae, which made its runs end 13-16 % over budget).
 At every checkpoint, for each eval image, the model's real file gives (bpp, PSNR), and Pillow JPEG
@@ -48,13 +51,16 @@ BASELINE = ["--lr_schedule", "constant", "--learning_rate", "1e-4", "--quantizat
             "--clipnorm", "0"]
 
 
+PROBE_SECONDS = 30
+
+
 def preset_argv(model, preset):
   """The train flags of `model` in an experiments/presets.json preset, at lambda 0.015."""
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   import sweep
   argv = sweep.train_argv(sweep.load_presets()[preset], model, 0.015, {})
-  # Epochs come from the budget here.
-  drop = {"--epochs", "--steps_per_epoch"}
+  # Steps come from the budget here; --epochs stays, as the denominator of --finish_epochs.
+  drop = {"--steps_per_epoch"}
   return [a for i, a in enumerate(argv) if a not in drop and (i == 0 or argv[i - 1] not in drop)]
 
 
@@ -110,19 +116,43 @@ class StepClock(tf.keras.callbacks.Callback):
     return (self.ends[-1] - self.ends[0]) * len(self.ends) / (len(self.ends) - 1)
 
 
-def probe_step_time(script, args, steps=40, warmup=5):
-  """Mean seconds of a training step, on a throwaway copy of the model.
+class _StopAfter(StepClock):
+  """A StepClock that ends the fit once `steps` steps after the first `warmup` took `seconds`."""
 
-  The mean of a run of consecutive steps, end to end: a budget pays for the slow steps too, and a
-  median of a few steps came out up to a fifth below what the real runs then took.
+  def __init__(self, warmup, steps, seconds):
+    super().__init__()
+    self.warmup, self.steps, self.limit = warmup, steps, seconds
+
+  def on_train_batch_end(self, batch, logs=None):
+    super().on_train_batch_end(batch, logs)
+    timed = len(self.ends) - self.warmup
+    if timed >= self.steps and self.ends[-1] - self.ends[self.warmup - 1] >= self.limit:
+      self.model.stop_training = True
+
+
+def probe_step_time(script, args, dataset, steps=40, warmup=5, seconds=PROBE_SECONDS):
+  """Mean seconds of a training step on the batches of `dataset`, on a throwaway copy of the model.
+
+  The mean of a run of consecutive steps, end to end, at least `steps` and at least `seconds`
+  long: a budget pays for the slow steps too; a median of a few steps came out up to a fifth below
+  what the real runs then took, a mean of 40 up to 13 % below.
   """
   model = script.build_model(args)
+  model.quantization = args.quantization
   model.compile(optimizer=training.make_optimizer(args, 1000, model))
-  clock = StepClock()
-  ds = data.train_dataset(args.dataset, args.patch_size, args.batch_size, train_glob=args.train_glob)
+  clock = _StopAfter(warmup, steps, seconds)
   with training.training_precision(args.precision):
-    model.fit(ds, epochs=1, steps_per_epoch=warmup + steps, callbacks=[clock], verbose=0)
-  return (clock.ends[-1] - clock.ends[warmup - 1]) / steps
+    model.fit(dataset, epochs=1, steps_per_epoch=10 ** 9, callbacks=[clock], verbose=0)
+  return (clock.ends[-1] - clock.ends[warmup - 1]) / (len(clock.ends) - warmup)
+
+
+def stage_dataset(small, large, small_steps, step):
+  """The batches from step `step` on: `small`'s until step `small_steps`, then `large`'s."""
+  if large is None:
+    return small
+  if step >= small_steps:
+    return large
+  return small.take(small_steps - step).concatenate(large)
 
 
 def finite(loss, model):
@@ -178,25 +208,44 @@ def main(argv=None):
   model_parser, model_flags = cli.build_parser(known.model, script.add_model_flags)
   train_argv = ["train"] + preset_argv(known.model, known.preset) + (BASELINE if known.baseline else []) + rest
   args = model_parser.parse_args(train_argv)
-  args.epochs = args.steps_per_epoch = 1  # checked below from the budget
+  args.steps_per_epoch = 1  # steps come from the budget
   cli.check_train_flags(args, model_flags)
   config = cli.model_config(known.model, args, model_flags)
+  finish = training.finish_crops(args)
+  share = finish[0] / args.epochs if finish else 0.0
 
   images = [data.read_image(p) for p in data.eval_paths("builtin")]
   anchors = jpeg_anchor(images)
-  step_s = probe_step_time(script, args)
+  sizes = data.image_sizes(data.train_paths(args.dataset, args.train_glob)) if args.dataset != "coco" else None
+  small = data.train_dataset(args.dataset, args.patch_size, args.batch_size, train_glob=args.train_glob,
+                             data_dir=args.data_dir, sizes=sizes)
+  large = (data.train_dataset(args.dataset, finish[1], finish[2], train_glob=args.train_glob,
+                              data_dir=args.data_dir, sizes=sizes) if finish else None)
+  # A tenth of the budget at most: a test's budget of seconds is probed by its 40 steps alone.
+  probe_s = min(PROBE_SECONDS, known.minutes * 6)
+  step_s = small_s = probe_step_time(script, args, small, seconds=probe_s)
+  if finish:
+    large_s = probe_step_time(script, args, large, seconds=probe_s)
+    step_s = (1 - share) * small_s + share * large_s
   total = max(int(known.minutes * 60 / step_s), 1)
+  large_steps = round(total * share)
+  small_steps = total - large_steps
   checkpoints = max(round(known.minutes / known.eval_every), 1)
   chunk = -(-total // checkpoints)
-  print(f"{known.model} {label}: {' '.join(train_argv[1:])}\nprobe: {step_s:.3f} s a step -> "
-        f"{total} steps in {known.minutes:g} min, a checkpoint every {chunk} steps", flush=True)
+  probed = (f"{small_s:.3f} s a step, {large_s:.3f} on the finish's crops" if finish
+            else f"{step_s:.3f} s a step")
+  stage = (f" (the last {large_steps} on {finish[1]}-pixel crops, batch {finish[2]})"
+           if finish else "")
+  print(f"{known.model} {label}: {' '.join(train_argv[1:])}\nprobe: {probed} -> {total} steps{stage} "
+        f"in {known.minutes:g} min, a checkpoint every {chunk} steps", flush=True)
 
   model = script.build_model(args)
   model.quantization = args.quantization
   model.compile(optimizer=training.make_optimizer(args, total, model))
-  ds = data.train_dataset(args.dataset, args.patch_size, args.batch_size, train_glob=args.train_glob)
   result = dict(model=known.model, label=label, argv=train_argv[1:], **{"lambda": args.lmbda},
-                probe_step_s=step_s, total_steps=total, checkpoints=[],
+                probe_step_s=step_s, total_steps=total,
+                finish=(dict(steps=large_steps, patch_size=finish[1], batch_size=finish[2],
+                             probe_step_s=large_s, first_crops_probe_step_s=small_s) if finish else None), checkpoints=[],
                 machine=f"{platform.machine()}, {os.cpu_count()} cores, "
                 f"{'GPU' if tf.config.list_logical_devices('GPU') else 'CPU'}", tensorflow=tf.__version__)
   os.makedirs(known.output_dir, exist_ok=True)
@@ -208,8 +257,8 @@ def main(argv=None):
       steps = min(chunk, total - step)
       start, clock = time.perf_counter(), StepClock()
       with training.training_precision(args.precision):  # the checkpoints' coding stays float32
-        history = model.fit(ds, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps, verbose=0,
-                            callbacks=[clock])
+        history = model.fit(stage_dataset(small, large, small_steps, step), initial_epoch=epoch,
+                            epochs=epoch + 1, steps_per_epoch=steps, verbose=0, callbacks=[clock])
       trained_s += clock.seconds(time.perf_counter() - start)
       step, epoch = step + steps, epoch + 1
       loss = float(history.history["loss"][-1])
