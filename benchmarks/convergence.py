@@ -11,12 +11,13 @@ tensorflow-compression's recipe instead: Adam at a constant 1e-4, uniform noise,
 
 The budget counts training steps only: the step count is set from a probe (the mean step of at
 least 40 steps and PROBE_SECONDS, or a tenth of the budget if less: a run of 40 came out up to
-13 % fast, the steps' pace swinging by a fifth from one hundred to the next) so the learning rate schedule ends with the budget, and the
-evaluations (untimed) run between chunks of steps. A preset or flags with --finish_epochs K of
---epochs E train the last K/E of the steps on the larger crops of that stage, as `train` does
-(the probe times both crops and weighs them so). A chunk's minutes run from the end of its first step to the end of its last, plus
-one step: what a fit pays before its first step ends is not training (the first one traces the
-train function, tens of seconds for hcae, which made its runs end 13-16 % over budget).
+13 % fast, the steps' pace swinging by a fifth from one hundred to the next) so the learning rate
+schedule ends with the budget, and the evaluations (untimed) run between chunks of steps. A
+preset or flags with --finish_epochs K of --epochs E train the last K/E of the steps on the larger
+crops of that stage, as `train` does (the probe times both crops and weighs them so). A chunk's
+minutes run from the end of its first step to the end of its last, plus one step: what a fit pays
+before its first step ends is not training (the first one traces the train function, tens of
+seconds for hcae, which made its runs end 13-16 % over budget).
 At every checkpoint, for each eval image, the model's real file gives (bpp, PSNR), and Pillow JPEG
 4:2:0 at qualities 1..95 gives the anchor curve of that image:
   rate vs JPEG   bpp / (JPEG's bpp at the same PSNR) - 1, geometric mean over the images: the
@@ -243,9 +244,9 @@ def main(argv=None):
   model.quantization = args.quantization
   model.compile(optimizer=training.make_optimizer(args, total, model))
   result = dict(model=known.model, label=label, argv=train_argv[1:], **{"lambda": args.lmbda},
-                probe_step_s=step_s, total_steps=total,
+                probe_step_s=step_s, total_steps=total, checkpoints=[],
                 finish=(dict(steps=large_steps, patch_size=finish[1], batch_size=finish[2],
-                             probe_step_s=large_s, first_crops_probe_step_s=small_s) if finish else None), checkpoints=[],
+                             probe_step_s=large_s, first_crops_probe_step_s=small_s) if finish else None),
                 machine=f"{platform.machine()}, {os.cpu_count()} cores, "
                 f"{'GPU' if tf.config.list_logical_devices('GPU') else 'CPU'}", tensorflow=tf.__version__)
   os.makedirs(known.output_dir, exist_ok=True)
