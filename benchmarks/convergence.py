@@ -147,15 +147,6 @@ def probe_step_time(script, args, dataset, steps=40, warmup=5, seconds=PROBE_SEC
   return (clock.ends[-1] - clock.ends[warmup - 1]) / (len(clock.ends) - warmup)
 
 
-def stage_dataset(small, large, small_steps, step):
-  """The batches from step `step` on: `small`'s until step `small_steps`, then `large`'s."""
-  if large is None:
-    return small
-  if step >= small_steps:
-    return large
-  return small.take(small_steps - step).concatenate(large)
-
-
 def finite(loss, model):
   """Whether training is still numerically sound: a finite loss and finite weights."""
   return math.isfinite(loss) and all(bool(np.isfinite(v.numpy()).all()) for v in model.weights)
@@ -217,16 +208,11 @@ def main(argv=None):
 
   images = [data.read_image(p) for p in data.eval_paths("builtin")]
   anchors = jpeg_anchor(images)
-  sizes = data.image_sizes(data.train_paths(args.dataset, args.train_glob)) if args.dataset != "coco" else None
-  small = data.train_dataset(args.dataset, args.patch_size, args.batch_size, train_glob=args.train_glob,
-                             data_dir=args.data_dir, sizes=sizes)
-  large = (data.train_dataset(args.dataset, finish[1], finish[2], train_glob=args.train_glob,
-                              data_dir=args.data_dir, sizes=sizes) if finish else None)
   # A tenth of the budget at most: a test's budget of seconds is probed by its 40 steps alone.
   probe_s = min(PROBE_SECONDS, known.minutes * 6)
-  step_s = small_s = probe_step_time(script, args, small, seconds=probe_s)
+  step_s = small_s = probe_step_time(script, args, training.staged_batches(args, 10 ** 9), seconds=probe_s)
   if finish:
-    large_s = probe_step_time(script, args, large, seconds=probe_s)
+    large_s = probe_step_time(script, args, training.staged_batches(args, 0), seconds=probe_s)
     step_s = (1 - share) * small_s + share * large_s
   total = max(int(known.minutes * 60 / step_s), 1)
   large_steps = round(total * share)
@@ -258,7 +244,7 @@ def main(argv=None):
       steps = min(chunk, total - step)
       start, clock = time.perf_counter(), StepClock()
       with training.training_precision(args.precision):  # the checkpoints' coding stays float32
-        history = model.fit(stage_dataset(small, large, small_steps, step), initial_epoch=epoch,
+        history = model.fit(training.staged_batches(args, small_steps - step), initial_epoch=epoch,
                             epochs=epoch + 1, steps_per_epoch=steps, verbose=0, callbacks=[clock])
       trained_s += clock.seconds(time.perf_counter() - start)
       step, epoch = step + steps, epoch + 1

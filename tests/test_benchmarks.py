@@ -53,14 +53,14 @@ def test_convergence_budget_checkpoints_and_jpeg_comparison(tmp_path, capsys):
 
 
 def test_convergence_trains_the_last_finish_share_of_its_steps_on_the_finish_crops(tmp_path, monkeypatch):
-  fits = []
-  real = convergence.stage_dataset
+  calls = []
+  real = convergence.training.staged_batches
 
-  def spy(small, large, small_steps, step):
-    fits.append((step, real(small, large, small_steps, step)))
-    return fits[-1][1]
+  def spy(args, small_steps):
+    calls.append((small_steps, real(args, small_steps)))
+    return calls[-1][1]
 
-  monkeypatch.setattr(convergence, "stage_dataset", spy)
+  monkeypatch.setattr(convergence.training, "staged_batches", spy)
   # The smoke preset's 64-pixel crops at batch 4, and 1 of 2 epochs on 128-pixel ones.
   convergence.main(["--model", "bls2017", "--preset", "smoke", "--minutes", "0.02", "--eval_every", "0.01",
                     "--output_dir", str(tmp_path), "--label", "finish", "--", "--num_filters", "8",
@@ -71,25 +71,19 @@ def test_convergence_trains_the_last_finish_share_of_its_steps_on_the_finish_cro
   # The budget is paid at the pace of both crops, weighed by their shares of the steps.
   assert run["probe_step_s"] == 0.5 * finish["first_crops_probe_step_s"] + 0.5 * finish["probe_step_s"]
   assert total == max(int(0.02 * 60 / run["probe_step_s"]), 1)
+  # The probes: the first crops alone, then the finish's.
+  assert [tuple(b.shape) for b in calls[0][1].take(2)] == [(4, 64, 64, 3)] * 2
+  assert [tuple(b.shape) for b in calls[1][1].take(2)] == [(1, 128, 128, 3)] * 2
+  fits = calls[2:]
   assert run["checkpoints"][-1]["steps"] == total and len(fits) == 2
   # Each chunk's fit starts where the last ended and is fed the crops of its steps, in order.
   chunk, small_steps = run["checkpoints"][0]["steps"], total - finish["steps"]
+  fits = [(small_steps - left, dataset) for left, dataset in fits]
   assert [step for step, _ in fits] == [0, chunk]
   for step, dataset in fits:
     n = min(chunk, total - step)
     expected = [(4, 64, 64, 3) if i < small_steps else (1, 128, 128, 3) for i in range(step, step + n)]
     assert [tuple(batch.shape) for batch in dataset.take(n)] == expected
-
-
-def test_stage_dataset_switches_crops_at_the_step_the_finish_begins():
-  import tensorflow as tf
-  small = tf.data.Dataset.from_tensors(tf.zeros((2, 16, 16, 3))).repeat()
-  large = tf.data.Dataset.from_tensors(tf.zeros((1, 32, 32, 3))).repeat()
-  sides = lambda ds, n: [int(b.shape[1]) for b in ds.take(n)]  # noqa: E731
-  assert sides(convergence.stage_dataset(small, large, 5, 3), 4) == [16, 16, 32, 32]
-  assert sides(convergence.stage_dataset(small, large, 5, 5), 2) == [32, 32]
-  assert sides(convergence.stage_dataset(small, large, 5, 0), 6) == [16] * 5 + [32]
-  assert sides(convergence.stage_dataset(small, None, 0, 9), 2) == [16, 16]  # no finish stage
 
 
 def test_convergence_stops_and_reports_a_diverged_run(tmp_path, capsys):

@@ -321,6 +321,20 @@ def test_the_last_finish_epochs_train_on_larger_crops_with_the_same_pixels(image
                                         finish_patch_size=256), str(tmp_path))
 
 
+def test_staged_batches_switch_crops_after_the_given_steps(image_folder, tmp_path):
+  """What train_dataset and benchmarks/convergence.py's chunks share: the switch at a given step."""
+  args = _finish_args(tmp_path, train_glob=str(image_folder / "*.png"))
+
+  def sides(small_steps, n):
+    return [int(b.shape[1]) for b in training.staged_batches(args, small_steps).take(n)]
+
+  assert sides(2, 4) == [32, 32, 64, 64]
+  assert sides(0, 2) == [64, 64]
+  assert sides(5, 6) == [32] * 5 + [64]
+  args.finish_epochs = 0
+  assert sides(0, 2) == [32, 32]  # no finish stage
+
+
 def test_a_resumed_run_switches_crops_at_the_same_step(image_folder, tmp_path):
   """The switch is counted from the checkpoint a rerun resumes at, not from its own first step."""
   model_dir = str(tmp_path / "model")

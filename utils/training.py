@@ -429,6 +429,15 @@ def checkpoint_step(model_dir):
 def train_dataset(args, model_dir):
   """The training batches: --patch_size crops, then from the step where the last --finish_epochs
   begin, the larger crops of finish_crops (counted from the checkpoint a rerun resumes at)."""
+  finish = finish_crops(args)
+  if finish is None:
+    return staged_batches(args, 0)
+  return staged_batches(args, (args.epochs - finish[0]) * args.steps_per_epoch - checkpoint_step(model_dir))
+
+
+def staged_batches(args, small_steps):
+  """`small_steps` batches of --patch_size crops, then the larger crops of finish_crops for ever;
+  without a finish stage, --patch_size crops for ever."""
   seed = args.seed if getattr(args, "deterministic", False) else None
 
   def crops(size, batch, sizes=None):
@@ -438,17 +447,16 @@ def train_dataset(args, model_dir):
   finish = finish_crops(args)
   if finish is None:
     return crops(args.patch_size, args.batch_size)
-  epochs, size, batch = finish
-  left = (args.epochs - epochs) * args.steps_per_epoch - checkpoint_step(model_dir)
+  _, size, batch = finish
   # Both stages crop the same files: listed, and their headers read, once.
   sizes = (None if args.dataset == "coco"
            else data.image_sizes(data.train_paths(args.dataset, args.train_glob)))
-  small = crops(args.patch_size, args.batch_size, sizes) if left > 0 else None
+  small = crops(args.patch_size, args.batch_size, sizes) if small_steps > 0 else None
   try:
     large = crops(size, batch, sizes)
   except UserError as e:
     raise UserError(f"--finish_patch_size {size}: {e}") from None
-  return small.take(left).concatenate(large) if small is not None else large
+  return small.take(small_steps).concatenate(large) if small is not None else large
 
 
 def _fit(build_model, args, model_config, strategy, train_ds, val_ds, rate_scale):
